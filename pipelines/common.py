@@ -1,0 +1,127 @@
+"""What every pipeline shares: option checks, the runner, the summary line and exit codes.
+
+Exit codes (CONTRACT.md): 2 bad options, before any work; 1 the pipeline itself failed; 3 the run
+finished with failed items; 0 everything succeeded. The last stdout line is a JSON summary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import apache_beam as beam
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.options.pipeline_options import (
+    GoogleCloudOptions,
+    PipelineOptions,
+    StandardOptions,
+)
+
+NAMESPACE = "dicom_etl"
+LOCAL_RUNNERS = {None, "DirectRunner", "direct", "directrunner"}
+
+
+class OptionError(ValueError):
+    """A bad option value; the message names the option and the reason."""
+
+    def __init__(self, option: str, reason: str) -> None:
+        super().__init__(f"--{option}: {reason}")
+
+
+def repeated(values: Sequence[str] | None) -> list[str]:
+    """A repeatable option, given several times and/or as comma-separated lists."""
+    return [part.strip() for value in values or [] for part in value.split(",") if part.strip()]
+
+
+def check_local_or_gcs(option: str, location: str) -> str:
+    """A local directory (made absolute, so every worker agrees) or a gs://bucket[/prefix]."""
+    if location.startswith("gs://"):
+        if not location[len("gs://") :].split("/")[0]:
+            raise OptionError(option, f"{location!r} has no bucket name")
+        return location.rstrip("/")
+    if "://" in location:
+        raise OptionError(option, f"{location!r} is neither a local path nor gs://")
+    return os.path.abspath(location)
+
+
+def dead_letter_location(options: PipelineOptions, given: str | None) -> str:
+    """`--dead_letter`, else ./dead_letter locally, else dead_letter/ under --temp_location."""
+    if given:
+        return check_local_or_gcs("dead_letter", given)
+    if is_local(options):
+        return os.path.abspath("dead_letter")
+    temp = options.view_as(GoogleCloudOptions).temp_location
+    if not temp:
+        raise OptionError("dead_letter", "required on a distributed runner without --temp_location")
+    return f"{temp.rstrip('/')}/dead_letter"
+
+
+def is_local(options: PipelineOptions) -> bool:
+    return options.view_as(StandardOptions).runner in LOCAL_RUNNERS
+
+
+def run_name(pipeline_name: str) -> str:
+    """A name unique to this run, for files that must not overwrite an earlier run's."""
+    return f"{pipeline_name}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{os.getpid()}"
+
+
+def execute(
+    argv: Sequence[str],
+    parse: Callable[[Sequence[str]], PipelineOptions],
+    build: Callable[[beam.Pipeline, PipelineOptions], None],
+    summarize: Callable[[dict[str, int]], tuple[dict[str, object], bool]],
+) -> int:
+    """Parse and check options, build and run the pipeline, print the summary; the exit status.
+
+    `summarize` turns the counters into the summary line and says whether any item failed.
+    """
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger(NAMESPACE).setLevel(logging.INFO)
+    try:
+        options = parse(argv)
+    except OptionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    try:
+        pipeline = beam.Pipeline(runner=_runner(options), options=options)
+        build(pipeline, options)
+        result = pipeline.run()
+        result.wait_until_finish()
+    except Exception as error:  # the pipeline itself failed: store unreachable, destination refused
+        logging.getLogger(NAMESPACE).exception("pipeline failed")
+        print(f"error: the pipeline failed: {_first_line(error)}", file=sys.stderr)
+        return 1
+    summary, failed = summarize(counters(result))
+    print(json.dumps(summary))
+    return 3 if failed else 0
+
+
+def counters(result: beam.runners.runner.PipelineResult) -> dict[str, int]:
+    """This run's counters in our namespace, by name."""
+    query = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))
+    totals: dict[str, int] = {}
+    for counter in query["counters"]:
+        value = counter.committed if counter.committed is not None else counter.attempted
+        totals[counter.key.metric.name] = totals.get(counter.key.metric.name, 0) + (value or 0)
+    return totals
+
+
+def _runner(options: PipelineOptions) -> beam.runners.PipelineRunner | None:
+    """The DirectRunner's in-process engine, used directly: Beam's DirectRunner would first try to
+    download the Prism runner binary, which fails (slowly, or not at all) without internet."""
+    if options.view_as(StandardOptions).runner not in LOCAL_RUNNERS:
+        return None
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+    return FnApiRunner()
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[-1] if "Traceback" in text else text.splitlines()[0]

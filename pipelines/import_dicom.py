@@ -1,0 +1,111 @@
+"""Import DICOM files matched by wildcard patterns into a store.
+
+    python -m pipelines.import_dicom --input 'gs://bucket/dir/**.dcm' --store gs://bucket/store
+
+Patterns are expanded inside the pipeline (never on the launcher), the matches reshuffled so that
+parsing spreads over workers, each file's header parsed and validated, and the file stored.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from pipelines.common import (
+    OptionError,
+    check_local_or_gcs,
+    dead_letter_location,
+    execute,
+    repeated,
+    run_name,
+)
+from transforms.dead_letter import DEAD_LETTER, WriteDeadLetters
+from transforms.expand import ExpandPatterns
+from transforms.store_instances import StoreInstances
+from transforms.wildcard import Pattern, PatternError, parse_pattern
+
+
+class ImportDicomOptions(PipelineOptions):
+    @classmethod
+    def _add_argparse_args(cls, parser) -> None:
+        parser.add_argument(
+            "--input",
+            action="append",
+            help="A local or gs:// pattern with the wildcards *, ? and a final ** (repeatable).",
+        )
+        parser.add_argument("--store", help="The store: a local directory or gs://bucket/prefix.")
+        parser.add_argument(
+            "--dead_letter",
+            help="Directory (local or gs://) for failed items as JSON lines; default ./dead_letter.",
+        )
+
+
+def parse(argv: Sequence[str]) -> PipelineOptions:
+    """Parse and check every option before any work; OptionError names the bad one."""
+    options = PipelineOptions(argv)
+    mine = options.view_as(ImportDicomOptions)
+    if not repeated(mine.input):
+        raise OptionError("input", "required: at least one file pattern")
+    mine.input = [_pattern(text).text for text in repeated(mine.input)]
+    if not mine.store:
+        raise OptionError("store", "required: a local directory or gs://bucket/prefix")
+    if mine.store.startswith(("http://", "https://", "projects/")):
+        raise OptionError("store", "DICOMweb and Cloud Healthcare API stores are not supported yet")
+    mine.store = check_local_or_gcs("store", mine.store)
+    mine.dead_letter = dead_letter_location(options, mine.dead_letter)
+    return options
+
+
+def _pattern(text: str) -> Pattern:
+    """Validate a pattern; local ones are made absolute so every worker reads the same files."""
+    try:
+        pattern = parse_pattern(text)
+    except PatternError as error:
+        raise OptionError("input", str(error)) from None
+    return pattern if pattern.is_gcs else parse_pattern(os.path.abspath(text))
+
+
+def build(pipeline: beam.Pipeline, options: PipelineOptions) -> None:
+    """Construct the import; no listing or other I/O happens here."""
+    mine = options.view_as(ImportDicomOptions)
+    patterns = [parse_pattern(text) for text in mine.input]
+    expanded = (
+        pipeline
+        | "Patterns" >> beam.Create(patterns)
+        | "Expand" >> beam.ParDo(ExpandPatterns()).with_outputs(DEAD_LETTER, main="files")
+    )
+    stored = (
+        expanded.files
+        | "SpreadFiles" >> beam.Reshuffle()
+        | "Store" >> beam.ParDo(StoreInstances(mine.store)).with_outputs(DEAD_LETTER, main="stored")
+    )
+    (
+        (expanded[DEAD_LETTER], stored[DEAD_LETTER])
+        | "AllFailures" >> beam.Flatten()
+        | "DeadLetter" >> WriteDeadLetters(mine.dead_letter, run_name("import_dicom"))
+    )
+
+
+def summarize(counts: dict[str, int]) -> tuple[dict[str, object], bool]:
+    """matched = success + already_present + failure; unmatched patterns also fail the run."""
+    keys = ("matched", "success", "already_present", "failure", "unmatched_patterns")
+    summary: dict[str, object] = {key: counts.get(key, 0) for key in keys}
+    reasons = {
+        k[len("failure_") :]: v for k, v in sorted(counts.items()) if k.startswith("failure_")
+    }
+    summary["failure_reasons"] = reasons
+    summary["bytes_read"] = counts.get("bytes_read", 0)
+    summary["bytes_stored"] = counts.get("bytes_stored", 0)
+    return summary, bool(summary["failure"] or summary["unmatched_patterns"])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return execute(sys.argv[1:] if argv is None else argv, parse, build, summarize)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""Files on local disks and objects in GCS behind one small set of functions.
+
+Everything works on URIs: a local path or `gs://bucket/name`. GCS goes through
+google-cloud-storage rather than Beam's gcsio because we need what gcsio does not expose: delimiter
+listings, small ranged reads (gcsio reads 16 MB buffers, more than most DICOM files) and
+create-only uploads (`if_generation_match=0`).
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import io
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
+
+import google_crc32c
+from google.api_core import exceptions as gcs_errors
+from google.cloud import storage
+
+READ_BUFFER = 64 * 1024  # one ranged request covers the header of most instances
+
+
+class MatchedFile(NamedTuple):
+    """A file found by pattern expansion; its size comes from the listing, saving a request."""
+
+    uri: str
+    size: int
+
+
+def is_gcs(uri: str) -> bool:
+    return uri.startswith("gs://")
+
+
+def split_gcs(uri: str) -> tuple[str, str]:
+    bucket, _, name = uri[len("gs://") :].partition("/")
+    return bucket, name
+
+
+def join(root: str, *parts: str) -> str:
+    """Join with `/` for both kinds; local roots are kept as given."""
+    return "/".join([root.rstrip("/"), *parts])
+
+
+@functools.cache
+def gcs_client() -> storage.Client:
+    """One client per process: Application Default Credentials, or anonymous on an emulator."""
+    return storage.Client()
+
+
+def _blob(uri: str) -> storage.Blob:
+    bucket, name = split_gcs(uri)
+    return gcs_client().bucket(bucket).blob(name)
+
+
+class Lister:
+    """Lists one directory level or one whole subtree under a name prefix, counting what it lists."""
+
+    def __init__(self, bucket: str | None) -> None:
+        self.bucket = bucket
+        self.listed = 0
+
+    def uri(self, name: str) -> str:
+        return name if self.bucket is None else f"gs://{self.bucket}/{name}"
+
+    def children(self, prefix: str) -> tuple[list[MatchedFile], list[str]]:
+        """Files and sub-directory prefixes (ending in `/`) directly under `prefix`."""
+        if self.bucket is not None:
+            pages = gcs_client().list_blobs(self.bucket, prefix=prefix, delimiter="/")
+            files = [MatchedFile(b.name, b.size) for b in pages if not b.name.endswith("/")]
+            dirs = sorted(pages.prefixes)
+        else:
+            files, dirs = [], []
+            for path, entry in _scan(prefix):
+                if entry.is_dir():
+                    dirs.append(path + "/")
+                elif entry.is_file():
+                    files.append(MatchedFile(path, entry.stat().st_size))
+        self.listed += len(files) + len(dirs)
+        return files, dirs
+
+    def descendants(self, prefix: str, glob: str | None = None) -> Iterator[MatchedFile]:
+        """Every file whose name starts with `prefix`, at any depth.
+
+        `glob` narrows a GCS listing on the server; callers still filter, because emulators (and
+        any server that ignores it) return everything under the prefix.
+        """
+        if self.bucket is not None:
+            for blob in gcs_client().list_blobs(self.bucket, prefix=prefix, match_glob=glob):
+                self.listed += 1
+                if not blob.name.endswith("/"):
+                    yield MatchedFile(blob.name, blob.size)
+            return
+        for path, entry in _scan(prefix):
+            self.listed += 1
+            if entry.is_file():
+                yield MatchedFile(path, entry.stat().st_size)
+            elif entry.is_dir():
+                for top, dirs, names in os.walk(path):
+                    dirs.sort()
+                    for name in sorted(names):
+                        self.listed += 1
+                        path = os.path.join(top, name)
+                        if os.path.isfile(path):
+                            yield MatchedFile(path, os.path.getsize(path))
+
+    def file(self, name: str) -> MatchedFile | None:
+        """The file with exactly this name, if there is one."""
+        if self.bucket is not None:
+            blob = gcs_client().bucket(self.bucket).get_blob(name)
+            found = blob is not None and not name.endswith("/")
+            return MatchedFile(name, blob.size) if found else None
+        return MatchedFile(name, os.path.getsize(name)) if os.path.isfile(name) else None
+
+
+def _scan(prefix: str) -> list[tuple[str, os.DirEntry[str]]]:
+    """(path, entry) for entries of the directory part of `prefix` whose names start with the rest."""
+    directory, slash, start = prefix.rpartition("/")
+    head = directory + slash
+    try:
+        with os.scandir(head or ".") as entries:
+            found = [(head + e.name, e) for e in entries if e.name.startswith(start)]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(found)
+
+
+class RangedFile(io.RawIOBase):
+    """A seekable read-only file that fetches byte ranges on demand and counts the bytes fetched."""
+
+    def __init__(
+        self,
+        name: str,
+        fetch: Callable[[int, int], bytes],
+        size: int,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
+        super().__init__()
+        self.name = name  # pydicom reads it
+        self._fetch = fetch
+        self._on_close = on_close
+        self.size = size
+        self.position = 0
+        self.bytes_fetched = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        if not self.closed and self._on_close is not None:
+            self._on_close()
+        super().close()
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.size}[whence]
+        self.position = max(0, base + offset)
+        return self.position
+
+    def readinto(self, buffer) -> int:  # type: ignore[override]
+        count = min(len(buffer), self.size - self.position)
+        if count <= 0:
+            return 0
+        data = self._fetch(self.position, self.position + count)
+        buffer[: len(data)] = data
+        self.position += len(data)
+        self.bytes_fetched += len(data)
+        return len(data)
+
+
+def open_ranged(file: MatchedFile, buffer_size: int = READ_BUFFER) -> io.BufferedReader:
+    """Open for reading only the bytes asked for; `.raw.bytes_fetched` tells how many were read."""
+    if is_gcs(file.uri):
+        blob = _blob(file.uri)
+
+        def fetch(start: int, end: int) -> bytes:
+            return blob.download_as_bytes(
+                start=start, end=end - 1, raw_download=True, checksum=None
+            )
+
+        return io.BufferedReader(RangedFile(file.uri, fetch, file.size), buffer_size)
+    descriptor = os.open(file.uri, os.O_RDONLY)
+
+    def read_local(start: int, end: int) -> bytes:
+        return os.pread(descriptor, end - start, start)
+
+    raw = RangedFile(file.uri, read_local, file.size, on_close=lambda: os.close(descriptor))
+    return io.BufferedReader(raw, buffer_size)
+
+
+def fingerprint(uri: str) -> tuple[int, str] | None:
+    """(size, base64 CRC32C) of a file or object, or None if it does not exist.
+
+    GCS keeps the CRC32C in the object's metadata, so comparing never downloads the object.
+    """
+    if is_gcs(uri):
+        blob = gcs_client().bucket(split_gcs(uri)[0]).get_blob(split_gcs(uri)[1])
+        return None if blob is None else (blob.size, blob.crc32c)
+    try:
+        with open(uri, "rb") as handle:
+            checksum = google_crc32c.Checksum()
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                checksum.update(chunk)
+    except FileNotFoundError:
+        return None
+    return os.path.getsize(uri), base64.b64encode(checksum.digest()).decode()
+
+
+def copy_create_only(source: str, destination: str) -> bool:
+    """Copy bytes unchanged to a destination that must not exist yet; False if it already did.
+
+    No partial file is ever visible at `destination`: locally the copy is written to a temporary
+    file and hard-linked into place (a link, unlike a rename, fails when the name exists); on GCS an
+    upload or server-side rewrite with `if_generation_match=0` only appears once complete.
+    """
+    if is_gcs(destination):
+        return _copy_to_gcs(source, destination)
+    directory = os.path.dirname(destination)
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.NamedTemporaryFile(
+        dir=directory, prefix=f".{uuid.uuid4().hex}.", delete=False
+    ) as tmp:
+        try:
+            if is_gcs(source):
+                _blob(source).download_to_file(tmp, raw_download=True)
+            else:
+                with open(source, "rb") as handle:
+                    shutil.copyfileobj(handle, tmp, 1 << 20)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+            os.link(tmp.name, destination)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp.name)
+
+
+def _copy_to_gcs(source: str, destination: str) -> bool:
+    target = _blob(destination)
+    try:
+        if is_gcs(source):
+            token, _, _ = target.rewrite(_blob(source), if_generation_match=0)
+            while token is not None:
+                token, _, _ = target.rewrite(_blob(source), token=token, if_generation_match=0)
+        else:
+            target.upload_from_filename(source, if_generation_match=0)
+    except gcs_errors.PreconditionFailed:
+        return False
+    return True
