@@ -79,9 +79,7 @@ def execute(
 
     `summarize` turns the counters into the summary line and says whether any item failed.
     """
-    logging.basicConfig(
-        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger(NAMESPACE).setLevel(logging.INFO)
     try:
         options = parse(argv)

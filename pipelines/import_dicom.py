@@ -94,9 +94,7 @@ def summarize(counts: dict[str, int]) -> tuple[dict[str, object], bool]:
     """matched = success + already_present + failure; unmatched patterns also fail the run."""
     keys = ("matched", "success", "already_present", "failure", "unmatched_patterns")
     summary: dict[str, object] = {key: counts.get(key, 0) for key in keys}
-    reasons = {
-        k[len("failure_") :]: v for k, v in sorted(counts.items()) if k.startswith("failure_")
-    }
+    reasons = {k[len("failure_") :]: v for k, v in sorted(counts.items()) if k.startswith("failure_")}
     summary["failure_reasons"] = reasons
     summary["bytes_read"] = counts.get("bytes_read", 0)
     summary["bytes_stored"] = counts.get("bytes_stored", 0)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import upload_tree
+from tests.gcs_emulator import upload_tree
 from transforms.expand import expand
 from transforms.objects import Lister
 from transforms.wildcard import PatternError, parse_pattern
@@ -31,7 +31,8 @@ TREE = [
 # pattern (relative to the tree's root) -> the files it matches
 CASES = {
     # `*`: zero or more characters other than '/'
-    "data/Example*.dcm": ["data/Example.dcm", "data/Example01.dcm", "data/Example1.dcm", "data/Example22.dcm"],
+    "data/Example*.dcm": ["data/Example.dcm", "data/Example01.dcm", "data/Example1.dcm",
+                          "data/Example22.dcm"],
     "data/*.txt": ["data/a.txt"],
     "data/*": ["data/Example.dcm", "data/Example01.dcm", "data/Example1.dcm", "data/Example22.dcm",
                "data/a.txt", "data/odd name.dcm", "data/weird[1].dcm"],

@@ -51,10 +51,20 @@ class Header:
 
 def read_header(stream: BinaryIO, size: int) -> Header:
     """Parse and validate; raise InvalidInstance with not_dicom, truncated, malformed or *_uid."""
+    with warnings.catch_warnings():  # odd but readable values; the dcmtk oracle tests cover them
+        warnings.simplefilter("ignore")
+        dataset = _parse(stream)
+        if dataset.file_meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+            _check_complete(stream, size, dataset)
+        study, series, sop = (
+            _uid(dataset, key) for key in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+        )
+    return Header(study, series, sop, dataset)
+
+
+def _parse(stream: BinaryIO) -> Dataset:
     try:
-        with warnings.catch_warnings():  # odd but readable encodings; the oracle tests cover them
-            warnings.simplefilter("ignore")
-            dataset = pydicom.dcmread(stream, stop_before_pixels=True)
+        return pydicom.dcmread(stream, stop_before_pixels=True)
     except InvalidDicomError:
         raise InvalidInstance(
             "not_dicom", "not a DICOM Part 10 file (no 'DICM' after the preamble)"
@@ -63,13 +73,6 @@ def read_header(stream: BinaryIO, size: int) -> Header:
         raise InvalidInstance("truncated", f"the file ends inside its header: {error}") from None
     except (ValueError, TypeError, KeyError, NotImplementedError) as error:
         raise InvalidInstance("malformed", f"pydicom cannot parse the header: {error}") from None
-    if dataset.file_meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
-        _check_complete(stream, size, dataset)
-    study, series, sop = (
-        _uid(dataset, keyword)
-        for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
-    )
-    return Header(study, series, sop, dataset)
 
 
 def valid_uid(value: str) -> bool:
@@ -106,9 +109,7 @@ def _check_complete(stream: BinaryIO, size: int, dataset: Dataset) -> None:
                 "truncated", f"element {last.tag} needs {end} bytes but the file has {size}"
             )
     elif not _ends_with_delimiter(stream, size, dataset.original_encoding[1] is not False):
-        raise InvalidInstance(
-            "truncated", f"sequence {last.tag} has no end before the end of the file"
-        )
+        raise InvalidInstance("truncated", f"sequence {last.tag} has no end before the end of the file")
 
 
 def _ends_with_delimiter(stream: BinaryIO, size: int, little: bool) -> bool:
@@ -149,9 +150,7 @@ def _element_header(
     if head[4:6] in LONG_LENGTH_VRS:
         extra = stream.read(4)
         if len(extra) < 4:
-            raise InvalidInstance(
-                "truncated", f"the file ends inside an element header at {position}"
-            )
+            raise InvalidInstance("truncated", f"the file ends inside an element header at {position}")
         return tag, struct.unpack(endian + "L", extra)[0], 12
     return tag, struct.unpack(endian + "H", head[6:])[0], 8
 

@@ -42,9 +42,7 @@ def expand(pattern: Pattern, lister: Lister) -> Iterator[MatchedFile]:
         for prefix in prefixes:
             files, dirs = lister.children(prefix + start)
             if last:
-                yield from (
-                    _with_uri(lister, f) for f in files if regex.fullmatch(f.uri[len(prefix) :])
-                )
+                yield from (_with_uri(lister, f) for f in files if regex.fullmatch(f.uri[len(prefix) :]))
             else:
                 next_prefixes += [d for d in dirs if regex.fullmatch(d[len(prefix) : -1])]
         prefixes = next_prefixes

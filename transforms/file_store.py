@@ -26,10 +26,12 @@ class FileLayoutStore:
         """Store `source` unchanged; return (outcome, instance uri).
 
         An existing instance with the same size and CRC32C is `already_present`; any other existing
-        instance is a `conflict` and is left as it was.
+        instance is a `conflict` and is left as it was. Existence is checked first so that a re-run
+        copies nothing; the create-only copy still settles a race between two writers.
         """
         target = self.instance_uri(header.study_uid, header.series_uid, header.sop_uid)
-        if copy_create_only(source.uri, target):
+        existing = fingerprint(target)
+        if existing is None and copy_create_only(source.uri, target):
             return SUCCESS, target
-        same = fingerprint(source.uri) == fingerprint(target)
+        same = fingerprint(source.uri) == (existing or fingerprint(target))
         return (ALREADY_PRESENT if same else CONFLICT), target

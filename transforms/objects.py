@@ -23,6 +23,7 @@ from google.api_core import exceptions as gcs_errors
 from google.cloud import storage
 
 READ_BUFFER = 64 * 1024  # one ranged request covers the header of most instances
+READ_WHOLE_BELOW = 256 * 1024  # smaller files are read in one request: round trips cost more than bytes
 
 
 class MatchedFile(NamedTuple):
@@ -177,15 +178,14 @@ class RangedFile(io.RawIOBase):
         return len(data)
 
 
-def open_ranged(file: MatchedFile, buffer_size: int = READ_BUFFER) -> io.BufferedReader:
+def open_ranged(file: MatchedFile) -> io.BufferedReader:
     """Open for reading only the bytes asked for; `.raw.bytes_fetched` tells how many were read."""
+    buffer_size = max(file.size, 1) if file.size <= READ_WHOLE_BELOW else READ_BUFFER
     if is_gcs(file.uri):
         blob = _blob(file.uri)
 
         def fetch(start: int, end: int) -> bytes:
-            return blob.download_as_bytes(
-                start=start, end=end - 1, raw_download=True, checksum=None
-            )
+            return blob.download_as_bytes(start=start, end=end - 1, raw_download=True, checksum=None)
 
         return io.BufferedReader(RangedFile(file.uri, fetch, file.size), buffer_size)
     descriptor = os.open(file.uri, os.O_RDONLY)
@@ -226,9 +226,7 @@ def copy_create_only(source: str, destination: str) -> bool:
         return _copy_to_gcs(source, destination)
     directory = os.path.dirname(destination)
     os.makedirs(directory, exist_ok=True)
-    with tempfile.NamedTemporaryFile(
-        dir=directory, prefix=f".{uuid.uuid4().hex}.", delete=False
-    ) as tmp:
+    with tempfile.NamedTemporaryFile(dir=directory, prefix=f".{uuid.uuid4().hex}.", delete=False) as tmp:
         try:
             if is_gcs(source):
                 _blob(source).download_to_file(tmp, raw_download=True)

@@ -68,9 +68,7 @@ def parse_pattern(text: str) -> Pattern:
         if has_wildcard(bucket):
             raise PatternError(f"{text!r}: wildcards are not allowed in the bucket name")
         if not path:
-            raise PatternError(
-                f"{text!r} has no object pattern after the bucket (use gs://{bucket}/**)"
-            )
+            raise PatternError(f"{text!r} has no object pattern after the bucket (use gs://{bucket}/**)")
     _check_double_star(text, path)
     return Pattern(text=text, bucket=bucket, path=path)
 

