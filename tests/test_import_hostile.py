@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pydicom
@@ -15,8 +16,10 @@ CT = Path(get_testdata_file("CT_small.dcm"))
 
 def with_uids(target: Path, **uids: str) -> Path:
     dataset = pydicom.dcmread(CT)
-    for keyword, value in uids.items():
-        setattr(dataset, keyword, value)
+    with warnings.catch_warnings():  # pydicom warns about the bad UIDs these tests need
+        warnings.simplefilter("ignore")
+        for keyword, value in uids.items():
+            setattr(dataset, keyword, value)
     dataset.save_as(target)
     return target
 
