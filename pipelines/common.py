@@ -21,7 +21,8 @@ from apache_beam.options.pipeline_options import (
     StandardOptions,
 )
 
-NAMESPACE = "dicom_etl"
+from transforms import NAMESPACE
+
 LOCAL_RUNNERS = {None, "DirectRunner", "direct", "directrunner"}
 
 
@@ -93,8 +94,7 @@ def execute(
         result = pipeline.run()
         result.wait_until_finish()
     except Exception as error:  # the pipeline itself failed: store unreachable, destination refused
-        logging.getLogger(NAMESPACE).exception("pipeline failed")
-        print(f"error: the pipeline failed: {_first_line(error)}", file=sys.stderr)
+        print(f"error: the pipeline failed: {_last_line(error)}", file=sys.stderr)
         return 1
     summary, failed = summarize(counters(result))
     print(json.dumps(summary))
@@ -121,6 +121,7 @@ def _runner(options: PipelineOptions) -> beam.runners.PipelineRunner | None:
     return FnApiRunner()
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[-1] if "Traceback" in text else text.splitlines()[0]
+def _last_line(error: BaseException) -> str:
+    """Beam wraps a worker's error in its traceback; the cause is the last line."""
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(error).__name__

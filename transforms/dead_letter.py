@@ -8,8 +8,9 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
+from transforms import NAMESPACE
+
 DEAD_LETTER = "dead_letter"
-NAMESPACE = "dicom_etl"
 
 
 def failure(uri: str, stage: str, reason: str, detail: str = "") -> beam.pvalue.TaggedOutput:

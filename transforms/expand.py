@@ -13,12 +13,13 @@ from collections.abc import Iterator
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
+from google.api_core.exceptions import GoogleAPIError
 
+from transforms import NAMESPACE
 from transforms.dead_letter import failure
 from transforms.objects import Lister, MatchedFile
 from transforms.wildcard import Pattern, has_wildcard, literal_prefix, segment_regex
 
-NAMESPACE = "dicom_etl"
 GCS_GLOB_SPECIAL = re.compile(r"[\[\]{}\\,]")
 
 
@@ -73,9 +74,12 @@ class ExpandPatterns(beam.DoFn):
     def process(self, pattern: Pattern) -> Iterator[MatchedFile | beam.pvalue.TaggedOutput]:
         lister = Lister(pattern.bucket)
         count = 0
-        for found in expand(pattern, lister):
-            count += 1
-            yield found
+        try:
+            for found in expand(pattern, lister):
+                count += 1
+                yield found
+        except (OSError, GoogleAPIError) as error:  # a missing bucket or no permission: the run cannot work
+            raise RuntimeError(f"cannot list --input {pattern.text}: {error}") from error
         self.matched.inc(count)
         self.listed.inc(lister.listed)
         if count == 0:

@@ -6,7 +6,9 @@ import logging
 import time
 from collections import Counter
 
-LOGGER = logging.getLogger("dicom_etl")
+from transforms import NAMESPACE
+
+LOGGER = logging.getLogger(NAMESPACE)
 
 
 class Progress:

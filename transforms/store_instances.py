@@ -9,13 +9,13 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 from google.api_core import exceptions as google_errors
 
+from transforms import NAMESPACE
 from transforms.dead_letter import failure
 from transforms.dicom_header import InvalidInstance, read_header
 from transforms.file_store import CONFLICT, SUCCESS, FileLayoutStore
 from transforms.objects import MatchedFile, open_ranged
 from transforms.progress import Progress
 
-NAMESPACE = "dicom_etl"
 READ_ERRORS = (OSError, google_errors.GoogleAPIError)
 
 

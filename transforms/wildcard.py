@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from functools import cached_property
 
 
 class PatternError(ValueError):
@@ -31,11 +30,6 @@ class Pattern:
     @property
     def segments(self) -> list[str]:
         return self.path.split("/")
-
-    @cached_property
-    def regex(self) -> re.Pattern[str]:
-        """The whole path pattern as a regex, for checks that need no walking."""
-        return segment_regex(self.path)
 
 
 def has_wildcard(text: str) -> bool:
