@@ -114,7 +114,7 @@ def counters(result: beam.runners.runner.PipelineResult) -> dict[str, int]:
 def _runner(options: PipelineOptions) -> beam.runners.PipelineRunner | None:
     """The DirectRunner's in-process engine, used directly: Beam's DirectRunner would first try to
     download the Prism runner binary, which fails (slowly, or not at all) without internet."""
-    if options.view_as(StandardOptions).runner not in LOCAL_RUNNERS:
+    if not is_local(options):
         return None
     from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 

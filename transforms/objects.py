@@ -203,7 +203,8 @@ def fingerprint(uri: str) -> tuple[int, str] | None:
     GCS keeps the CRC32C in the object's metadata, so comparing never downloads the object.
     """
     if is_gcs(uri):
-        blob = gcs_client().bucket(split_gcs(uri)[0]).get_blob(split_gcs(uri)[1])
+        bucket, name = split_gcs(uri)
+        blob = gcs_client().bucket(bucket).get_blob(name)
         return None if blob is None else (blob.size, blob.crc32c)
     try:
         with open(uri, "rb") as handle:
