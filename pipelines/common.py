@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import time
+import urllib.parse
 from collections.abc import Callable, Sequence
 
 import apache_beam as beam
@@ -22,6 +23,7 @@ from apache_beam.options.pipeline_options import (
 )
 
 from transforms import NAMESPACE
+from transforms.store import HEALTHCARE_STORE, store_kind
 
 LOCAL_RUNNERS = {None, "DirectRunner", "direct", "directrunner"}
 
@@ -47,6 +49,23 @@ def check_local_or_gcs(option: str, location: str) -> str:
     if "://" in location:
         raise OptionError(option, f"{location!r} is neither a local path nor gs://")
     return os.path.abspath(location)
+
+
+def check_store(option: str, location: str) -> str:
+    """A file-layout store (local or gs://), a DICOMweb service root, or a Healthcare API store."""
+    kind = store_kind(location)
+    if kind == "healthcare":
+        if not HEALTHCARE_STORE.fullmatch(location.rstrip("/")):
+            raise OptionError(option, f"{location!r} is not projects/P/locations/L/datasets/D/dicomStores/S")
+        return location.rstrip("/")
+    if kind == "dicomweb":
+        url = urllib.parse.urlsplit(location)
+        if url.username or url.password:  # the location is logged and printed: no secrets in it
+            raise OptionError(option, "credentials go in DICOMWEB_USERNAME/DICOMWEB_PASSWORD, not in the URL")
+        if not url.hostname or url.query or url.fragment:
+            raise OptionError(option, f"{location!r} is not a DICOMweb service root URL")
+        return location.rstrip("/")
+    return check_local_or_gcs(option, location)
 
 
 def dead_letter_location(options: PipelineOptions, given: str | None) -> str:

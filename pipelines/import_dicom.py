@@ -3,7 +3,9 @@
     python -m pipelines.import_dicom --input 'gs://bucket/dir/**.dcm' --store gs://bucket/store
 
 Patterns are expanded inside the pipeline (never on the launcher), the matches reshuffled so that
-parsing spreads over workers, each file's header parsed and validated, and the file stored.
+parsing spreads over workers, each file's header parsed and validated, and the files grouped by SOP
+Instance UID and stored in batches: in a file-layout store, a DICOMweb server (STOW-RS) or a Cloud
+Healthcare API store.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines.common import (
     OptionError,
-    check_local_or_gcs,
+    check_store,
     dead_letter_location,
     execute,
     repeated,
@@ -25,7 +27,8 @@ from pipelines.common import (
 )
 from transforms.dead_letter import DEAD_LETTER, WriteDeadLetters
 from transforms.expand import ExpandPatterns
-from transforms.store_instances import StoreInstances
+from transforms.store import STORAGE_CLASSES, store_kind
+from transforms.store_instances import ParseInstances, WriteInstances
 from transforms.wildcard import Pattern, PatternError, parse_pattern
 
 
@@ -37,7 +40,15 @@ class ImportDicomOptions(PipelineOptions):
             action="append",
             help="A local or gs:// pattern with the wildcards *, ? and a final ** (repeatable).",
         )
-        parser.add_argument("--store", help="The store: a local directory or gs://bucket/prefix.")
+        parser.add_argument(
+            "--store",
+            help="A local directory or gs://bucket/prefix (file layout), a DICOMweb service root "
+            "(http[s]://...), or projects/P/locations/L/datasets/D/dicomStores/S.",
+        )
+        parser.add_argument(
+            "--storage_class",
+            help="STANDARD, NEARLINE, COLDLINE or ARCHIVE: the Storage-Class header sent on STOW-RS.",
+        )
         parser.add_argument(
             "--dead_letter",
             help="Directory (local or gs://) for failed items as JSON lines; default ./dead_letter.",
@@ -52,10 +63,14 @@ def parse(argv: Sequence[str]) -> PipelineOptions:
         raise OptionError("input", "required: at least one file pattern")
     mine.input = [_pattern(text).text for text in repeated(mine.input)]
     if not mine.store:
-        raise OptionError("store", "required: a local directory or gs://bucket/prefix")
-    if mine.store.startswith(("http://", "https://", "projects/")):
-        raise OptionError("store", "DICOMweb and Cloud Healthcare API stores are not supported yet")
-    mine.store = check_local_or_gcs("store", mine.store)
+        raise OptionError("store", "required: a directory, gs:// prefix, DICOMweb URL or Healthcare store")
+    mine.store = check_store("store", mine.store)
+    if mine.storage_class is not None:
+        mine.storage_class = mine.storage_class.upper()
+        if mine.storage_class not in STORAGE_CLASSES:
+            raise OptionError("storage_class", f"must be one of {', '.join(STORAGE_CLASSES)}")
+        if store_kind(mine.store) == "files":
+            raise OptionError("storage_class", "applies to DICOMweb and Cloud Healthcare API stores only")
     mine.dead_letter = dead_letter_location(options, mine.dead_letter)
     return options
 
@@ -78,13 +93,19 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions) -> None:
         | "Patterns" >> beam.Create(patterns)
         | "Expand" >> beam.ParDo(ExpandPatterns()).with_outputs(DEAD_LETTER, main="files")
     )
-    stored = (
+    parsed = (
         expanded.files
         | "SpreadFiles" >> beam.Reshuffle()
-        | "Store" >> beam.ParDo(StoreInstances(mine.store)).with_outputs(DEAD_LETTER, main="stored")
+        | "Parse" >> beam.ParDo(ParseInstances()).with_outputs(DEAD_LETTER, main="parsed")
+    )
+    stored = (
+        parsed.parsed
+        | "BySopInstanceUid" >> beam.GroupByKey()
+        | "Store"
+        >> beam.ParDo(WriteInstances(mine.store, mine.storage_class)).with_outputs(DEAD_LETTER, main="stored")
     )
     (
-        (expanded[DEAD_LETTER], stored[DEAD_LETTER])
+        (expanded[DEAD_LETTER], parsed[DEAD_LETTER], stored[DEAD_LETTER])
         | "AllFailures" >> beam.Flatten()
         | "DeadLetter" >> WriteDeadLetters(mine.dead_letter, run_name("import_dicom"))
     )

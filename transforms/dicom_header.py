@@ -90,7 +90,7 @@ def _uid(dataset: Dataset, keyword: str) -> str:
     if not isinstance(value, str) or not valid_uid(value):
         shown = repr(str(value))[:80]
         raise InvalidInstance("invalid_uid", f"{keyword} {shown} is not 1-64 digits and dots")
-    return value
+    return str(value)  # a plain str: pydicom's UID cannot be a Beam key
 
 
 def _check_complete(stream: BinaryIO, size: int, dataset: Dataset) -> None:

@@ -2,13 +2,33 @@
 
 from __future__ import annotations
 
-from transforms.dicom_header import Header
-from transforms.objects import MatchedFile, copy_create_only, fingerprint, join
+import re
+from collections.abc import Iterator, Sequence
+from typing import Any
 
-SUCCESS, ALREADY_PRESENT, CONFLICT = "success", "already_present", "conflict"
+from google.api_core import exceptions as google_errors
+
+from transforms.dicom_header import read_header
+from transforms.objects import (
+    Lister,
+    MatchedFile,
+    copy_create_only,
+    delete_tree,
+    fingerprint,
+    is_gcs,
+    join,
+    open_ranged,
+    read_bytes,
+    size_of,
+    split_gcs,
+)
+from transforms.store import ALREADY_PRESENT, FAILURE, SUCCESS, InstanceRef, Parsed, Store, Written
+
+IO_ERRORS = (OSError, google_errors.GoogleAPIError)
+INSTANCE_PATH = re.compile(r"studies/([0-9.]+)/series/([0-9.]+)/instances/([0-9.]+)\.dcm")
 
 
-class FileLayoutStore:
+class FileLayoutStore(Store):
     """`{root}/studies/{study}/series/{series}/instances/{sop}.dcm` under a directory or gs:// prefix.
 
     Writes are create-only, so concurrent workers storing the same instance cannot clobber each
@@ -16,22 +36,70 @@ class FileLayoutStore:
     """
 
     def __init__(self, root: str) -> None:
-        self.root = root.rstrip("/")
+        self.location = self.root = root.rstrip("/")
 
-    def instance_uri(self, study: str, series: str, sop: str) -> str:
+    def instance_uri(self, ref: InstanceRef) -> str:
         """The path of an instance; the UIDs must already be validated (see valid_uid)."""
-        return join(self.root, "studies", study, "series", series, "instances", f"{sop}.dcm")
+        return join(self.root, "studies", ref.study, "series", ref.series, "instances", f"{ref.sop}.dcm")
 
-    def put(self, source: MatchedFile, header: Header) -> tuple[str, str]:
-        """Store `source` unchanged; return (outcome, instance uri).
+    def write(self, batch: Sequence[Parsed]) -> list[Written]:
+        return [self._put(item) for item in batch]
 
-        An existing instance with the same size and CRC32C is `already_present`; any other existing
-        instance is a `conflict` and is left as it was. Existence is checked first so that a re-run
-        copies nothing; the create-only copy still settles a race between two writers.
+    def _put(self, item: Parsed) -> Written:
+        """Copy the file unchanged; same size and CRC32C as a stored file is ALREADY_PRESENT.
+
+        Existence is checked first so that a re-run copies nothing; the create-only copy still
+        settles a race between two writers.
         """
-        target = self.instance_uri(header.study_uid, header.series_uid, header.sop_uid)
-        existing = fingerprint(target)
-        if existing is None and copy_create_only(source.uri, target):
-            return SUCCESS, target
-        same = fingerprint(source.uri) == (existing or fingerprint(target))
-        return (ALREADY_PRESENT if same else CONFLICT), target
+        target = self.instance_uri(item.ref)
+        try:
+            existing = fingerprint(target)
+            if existing is None and copy_create_only(item.file.uri, target):
+                return Written(SUCCESS, target)
+            same = fingerprint(item.file.uri) == (existing or fingerprint(target))
+        except IO_ERRORS as error:
+            return Written(FAILURE, target, "write_error", f"{type(error).__name__}: {error}")
+        if same:
+            return Written(ALREADY_PRESENT, target)
+        detail = f"{target} holds different bytes for SOP Instance UID {item.ref.sop}"
+        return Written(FAILURE, target, "conflict", detail)
+
+    def studies(self) -> Iterator[str]:
+        lister, prefix = self._lister(join(self.root, "studies") + "/")
+        _, directories = lister.children(prefix)
+        for directory in directories:
+            yield directory.rstrip("/").rsplit("/", 1)[-1]
+
+    def instances(self, study: str, series: str | None = None) -> Iterator[InstanceRef]:
+        parts = ["studies", study] + (["series", series] if series else [])
+        lister, prefix = self._lister(join(self.root, *parts) + "/")
+        for file in lister.descendants(prefix):
+            match = INSTANCE_PATH.search(file.uri)
+            if match:
+                yield InstanceRef(*match.groups())
+
+    def read(self, ref: InstanceRef) -> bytes:
+        return read_bytes(self.instance_uri(ref))
+
+    def metadata(self, ref: InstanceRef) -> dict[str, Any]:
+        """Parsed from the file's header only: Pixel Data is never read."""
+        uri = self.instance_uri(ref)
+        size = size_of(uri)
+        if size is None:
+            raise FileNotFoundError(uri)
+        with open_ranged(MatchedFile(uri, size)) as stream:
+            return read_header(stream, size).dataset.to_json_dict()
+
+    def delete(self, study: str, series: str | None = None, sop: str | None = None) -> None:
+        if sop is not None and series is not None:
+            delete_tree(self.instance_uri(InstanceRef(study, series, sop)))
+        else:
+            delete_tree(join(self.root, "studies", study, *(["series", series] if series else [])))
+
+    @staticmethod
+    def _lister(prefix_uri: str) -> tuple[Lister, str]:
+        """A Lister for the bucket (or local disk) and the name prefix inside it."""
+        if is_gcs(prefix_uri):
+            bucket, name = split_gcs(prefix_uri)
+            return Lister(bucket), name
+        return Lister(None), prefix_uri

@@ -9,6 +9,7 @@ create-only uploads (`if_generation_match=0`).
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import io
 import os
@@ -256,3 +257,37 @@ def _copy_to_gcs(source: str, destination: str) -> bool:
     except gcs_errors.PreconditionFailed:
         return False
     return True
+
+
+def size_of(uri: str) -> int | None:
+    """The size in bytes of a file or object, or None if it does not exist."""
+    if is_gcs(uri):
+        bucket, name = split_gcs(uri)
+        blob = gcs_client().bucket(bucket).get_blob(name)
+        return None if blob is None else blob.size
+    return os.path.getsize(uri) if os.path.isfile(uri) else None
+
+
+def read_bytes(uri: str) -> bytes:
+    """The whole file or object."""
+    if is_gcs(uri):
+        return _blob(uri).download_as_bytes(raw_download=True)
+    with open(uri, "rb") as handle:
+        return handle.read()
+
+
+def delete_tree(uri: str) -> None:
+    """Delete a file, or everything under a directory or `gs://` prefix; nothing there is fine."""
+    if is_gcs(uri):
+        bucket, name = split_gcs(uri)
+        client = gcs_client()
+        for blob in client.list_blobs(bucket, prefix=name):
+            if blob.name == name or blob.name.startswith(name.rstrip("/") + "/"):
+                with contextlib.suppress(gcs_errors.NotFound):
+                    blob.delete()
+        return
+    if os.path.isdir(uri):
+        shutil.rmtree(uri)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(uri)

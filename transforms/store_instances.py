@@ -1,71 +1,141 @@
-"""Parse, validate and store each matched file; every file ends as an outcome or a dead letter."""
+"""Parse and validate each matched file, then store it in batches; every file ends counted.
+
+Parsing reads only the header. Storing happens after a GroupByKey on the SOP Instance UID, so files
+that share one are written one after the other: the first is stored and the rest are compared
+with it (`already_present` or `conflict`), whatever the store and however many workers run.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import collections
+import concurrent.futures
+import itertools
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
+from apache_beam.transforms.window import GlobalWindows
 from google.api_core import exceptions as google_errors
 
 from transforms import NAMESPACE
 from transforms.dead_letter import failure
 from transforms.dicom_header import InvalidInstance, read_header
-from transforms.file_store import CONFLICT, SUCCESS, FileLayoutStore
 from transforms.objects import MatchedFile, open_ranged
 from transforms.progress import Progress
+from transforms.store import FAILURE, SUCCESS, InstanceRef, Parsed, Written, open_store
 
 READ_ERRORS = (OSError, google_errors.GoogleAPIError)
+MAX_BATCH_INSTANCES = 50
+MAX_BATCH_BYTES = 32 * 1024 * 1024
+IN_FLIGHT = 4  # batches being written at once by one DoFn instance
 
 
-class StoreInstances(beam.DoFn):
-    """MatchedFile -> {uri, path, outcome, uids}; failures to the dead letter with their reason."""
+class ParseInstances(beam.DoFn):
+    """MatchedFile -> (SOP Instance UID, Parsed); unreadable or invalid files to the dead letter."""
 
-    def __init__(self, store_root: str) -> None:
-        self.store_root = store_root
-        self.counters = {
-            name: Metrics.counter(NAMESPACE, name)
-            for name in ("success", "already_present", "failure", "bytes_read", "bytes_stored")
-        }
+    def __init__(self) -> None:
+        self.bytes_read = Metrics.counter(NAMESPACE, "bytes_read")
+        self.failures = Metrics.counter(NAMESPACE, "failure")
 
-    def setup(self) -> None:
-        self.store = FileLayoutStore(self.store_root)
-        self.progress = Progress("import_dicom")
-
-    def process(self, file: MatchedFile) -> Iterator[dict[str, Any] | beam.pvalue.TaggedOutput]:
-        stage = "parse"
+    def process(self, file: MatchedFile) -> Iterator[tuple[str, Parsed] | beam.pvalue.TaggedOutput]:
         try:
             with open_ranged(file) as stream:
                 header = read_header(stream, file.size)
-                self.counters["bytes_read"].inc(stream.raw.bytes_fetched)
-            stage = "store"
-            outcome, path = self.store.put(file, header)
+                self.bytes_read.inc(stream.raw.bytes_fetched)
         except InvalidInstance as error:
-            yield self._fail(file.uri, stage, error.reason, error.detail)
+            self.failures.inc()
+            yield failure(file.uri, "parse", error.reason, error.detail)
             return
         except READ_ERRORS as error:
-            reason = "read_error" if stage == "parse" else "write_error"
-            yield self._fail(file.uri, stage, reason, f"{type(error).__name__}: {error}")
+            self.failures.inc()
+            yield failure(file.uri, "parse", "read_error", f"{type(error).__name__}: {error}")
             return
-        if outcome == CONFLICT:
-            detail = f"{path} holds different bytes for SOP Instance UID {header.sop_uid}"
-            yield self._fail(file.uri, stage, CONFLICT, detail)
-            return
-        self.counters[outcome].inc()
-        if outcome == SUCCESS:
-            self.counters["bytes_stored"].inc(file.size)
-        self.progress.add(outcome)
-        yield {
-            "uri": file.uri,
-            "path": path,
-            "outcome": outcome,
-            "study_uid": header.study_uid,
-            "series_uid": header.series_uid,
-            "sop_uid": header.sop_uid,
+        ref = InstanceRef(header.study_uid, header.series_uid, header.sop_uid)
+        yield ref.sop, Parsed(file, ref)
+
+
+class WriteInstances(beam.DoFn):
+    """(SOP Instance UID, files) -> one record per file stored; failures to the dead letter.
+
+    Instances go to the store in batches (at most MAX_BATCH_INSTANCES and MAX_BATCH_BYTES, one
+    larger file alone), with up to IN_FLIGHT batches written at once. Counters are incremented on
+    the DoFn's own thread, where Beam's metrics are recorded.
+    """
+
+    def __init__(self, location: str, storage_class: str | None = None) -> None:
+        self.location = location
+        self.storage_class = storage_class
+        self.counters = {
+            name: Metrics.counter(NAMESPACE, name)
+            for name in ("success", "already_present", "failure", "bytes_stored")
         }
 
-    def _fail(self, uri: str, stage: str, reason: str, detail: str) -> beam.pvalue.TaggedOutput:
-        self.counters["failure"].inc()
-        self.progress.add("failure")
-        return failure(uri, stage, reason, detail)
+    def setup(self) -> None:
+        self.store = open_store(self.location, self.storage_class)
+        self.pool = concurrent.futures.ThreadPoolExecutor(IN_FLIGHT)
+        self.progress = Progress("import_dicom")
+
+    def start_bundle(self) -> None:
+        self.batch: list[Parsed] = []
+        self.batch_bytes = 0
+        self.writing: collections.deque[tuple[list[Parsed], concurrent.futures.Future]] = collections.deque()
+
+    def process(self, element: tuple[str, Iterable[Parsed]]) -> Iterator[Any]:
+        first, *others = sorted(element[1], key=lambda item: item.file.uri)
+        if others:  # the same SOP Instance UID in several files: one after the other
+            for item in [first, *others]:
+                yield from self._outputs([item], self.store.write([item]))
+            return
+        if self.batch and (
+            len(self.batch) >= MAX_BATCH_INSTANCES or self.batch_bytes + first.file.size > MAX_BATCH_BYTES
+        ):
+            yield from self._submit()
+        self.batch.append(first)
+        self.batch_bytes += first.file.size
+
+    def finish_bundle(self) -> Iterator[Any]:
+        pending = itertools.chain(self._submit() if self.batch else (), self._drain())
+        for output in pending:  # outside process(), outputs carry their window
+            if isinstance(output, beam.pvalue.TaggedOutput):
+                yield beam.pvalue.TaggedOutput(output.tag, GlobalWindows.windowed_value(output.value))
+            else:
+                yield GlobalWindows.windowed_value(output)
+
+    def teardown(self) -> None:
+        self.pool.shutdown()
+        self.store.close()
+
+    def _submit(self) -> Iterator[Any]:
+        """Start writing the current batch; wait for the oldest one when too many are in flight."""
+        batch, self.batch, self.batch_bytes = self.batch, [], 0
+        self.writing.append((batch, self.pool.submit(self.store.write, batch)))
+        while len(self.writing) > IN_FLIGHT:
+            yield from self._collect()
+
+    def _drain(self) -> Iterator[Any]:
+        while self.writing:
+            yield from self._collect()
+
+    def _collect(self) -> Iterator[Any]:
+        batch, future = self.writing.popleft()
+        yield from self._outputs(batch, future.result())
+
+    def _outputs(self, batch: list[Parsed], results: list[Written]) -> Iterator[Any]:
+        for item, written in zip(batch, results, strict=True):
+            self.counters[written.outcome].inc()
+            self.progress.add(written.outcome if written.outcome != FAILURE else written.reason)
+            if written.outcome == FAILURE:
+                yield failure(item.file.uri, "store", written.reason, written.detail)
+                continue
+            if written.outcome == SUCCESS:
+                self.counters["bytes_stored"].inc(item.file.size)
+            yield {
+                "uri": item.file.uri,
+                "location": written.location,
+                "outcome": written.outcome,
+                "size": item.file.size,
+                "study_uid": item.ref.study,
+                "series_uid": item.ref.series,
+                "sop_uid": item.ref.sop,
+            }

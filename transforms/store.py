@@ -1,0 +1,116 @@
+"""One small interface over the three kinds of store, chosen from the location string.
+
+- a local directory or `gs://bucket/prefix`: the file-layout store (transforms/file_store.py);
+- `http://...` or `https://...`: any DICOMweb server's service root (transforms/dicomweb.py);
+- `projects/P/locations/L/datasets/D/dicomStores/S`: a Cloud Healthcare API store, through its
+  DICOMweb endpoint with Application Default Credentials.
+
+Every pipeline reaches a store only through this interface, so each works on all three.
+"""
+
+from __future__ import annotations
+
+import abc
+import re
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
+
+from transforms.objects import MatchedFile
+
+HEALTHCARE_STORE = re.compile(r"projects/[^/]+/locations/[^/]+/datasets/[^/]+/dicomStores/[^/]+")
+STORAGE_CLASSES = ("STANDARD", "NEARLINE", "COLDLINE", "ARCHIVE")
+SUCCESS, ALREADY_PRESENT, FAILURE = "success", "already_present", "failure"
+
+
+class StoreUnavailable(RuntimeError):
+    """The store as a whole cannot be used (unreachable, credentials refused, no such store).
+
+    Raised rather than dead-lettered: every other instance would fail the same way, so the
+    pipeline stops (exit 1) with this message, which names the store and never a secret.
+    """
+
+
+class InstanceRef(NamedTuple):
+    study: str
+    series: str
+    sop: str
+
+    def path(self) -> str:
+        """The DICOMweb path of the instance, also the form of a filter-file line."""
+        return f"/studies/{self.study}/series/{self.series}/instances/{self.sop}"
+
+
+class Parsed(NamedTuple):
+    """A file whose header was read and validated, ready to be stored."""
+
+    file: MatchedFile
+    ref: InstanceRef
+
+
+class Written(NamedTuple):
+    """What became of one instance given to `Store.write`."""
+
+    outcome: str  # SUCCESS, ALREADY_PRESENT or FAILURE
+    location: str  # where the instance is (or would be) stored
+    reason: str = ""  # the dead letter's reason, for FAILURE
+    detail: str = ""
+
+
+class Store(abc.ABC):
+    """Write instances in batches; list, read and delete them."""
+
+    location: str
+
+    @abc.abstractmethod
+    def write(self, batch: Sequence[Parsed]) -> list[Written]:
+        """Store a batch of instances with distinct SOP Instance UIDs; one result per instance.
+
+        An instance already stored with the same data is ALREADY_PRESENT; one stored with other
+        data is a FAILURE with reason `conflict` and changes nothing.
+        """
+
+    @abc.abstractmethod
+    def studies(self) -> Iterator[str]:
+        """Every Study Instance UID in the store, page by page."""
+
+    @abc.abstractmethod
+    def instances(self, study: str, series: str | None = None) -> Iterator[InstanceRef]:
+        """The instances of one study, or of one series of it, page by page."""
+
+    @abc.abstractmethod
+    def read(self, ref: InstanceRef) -> bytes:
+        """The instance as a DICOM Part 10 file, in its stored transfer syntax."""
+
+    @abc.abstractmethod
+    def metadata(self, ref: InstanceRef) -> dict[str, Any]:
+        """The instance's attributes as a DICOM JSON object, without Pixel Data."""
+
+    @abc.abstractmethod
+    def delete(self, study: str, series: str | None = None, sop: str | None = None) -> None:
+        """Delete a study, a series or an instance; deleting what is not there is not an error."""
+
+    def close(self) -> None:  # noqa: B027 - only stores holding connections need it
+        """Release connections."""
+
+
+def store_kind(location: str) -> str:
+    """'dicomweb', 'healthcare' or 'files' for a location string."""
+    if location.startswith(("http://", "https://")):
+        return "dicomweb"
+    if location.startswith("projects/"):
+        return "healthcare"
+    return "files"
+
+
+def open_store(location: str, storage_class: str | None = None) -> Store:
+    """The store at `location`; network stores read their credentials here, on the worker."""
+    kind = store_kind(location)
+    if kind == "files":
+        from transforms.file_store import FileLayoutStore
+
+        return FileLayoutStore(location)
+    from transforms import dicomweb
+
+    if kind == "healthcare":
+        return dicomweb.healthcare_store(location, storage_class)
+    return dicomweb.DicomWebStore(location, dicomweb.session_from_environment(), storage_class)
