@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-DEBIAN_PACKAGES := dcmtk
+DEBIAN_PACKAGES := dcmtk orthanc orthanc-dicomweb
 
 .PHONY: quickstart test lint system-packages
 

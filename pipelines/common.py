@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import time
 import urllib.parse
@@ -141,6 +142,8 @@ def _runner(options: PipelineOptions) -> beam.runners.PipelineRunner | None:
 
 
 def _last_line(error: BaseException) -> str:
-    """Beam wraps a worker's error in its traceback; the cause is the last line."""
+    """Beam wraps a worker's error in its traceback; the cause is the last line, less Beam's
+    "[while running 'Step']" suffix."""
     lines = [line for line in str(error).splitlines() if line.strip()]
-    return lines[-1].strip() if lines else type(error).__name__
+    last = lines[-1].strip() if lines else type(error).__name__
+    return re.sub(r"\s*\[while running '[^']*'\]$", "", last)

@@ -14,6 +14,7 @@ import pytest
 from google.cloud import storage
 
 from tests.gcs_emulator import running_emulator
+from tests.orthanc_server import Orthanc, running_orthanc
 
 
 def corpus_roots() -> list[Path]:
@@ -48,6 +49,21 @@ def corpus_dir(tmp_path_factory: pytest.TempPathFactory, corpus: list[Path]) -> 
 def gcs() -> Iterator[storage.Client]:
     with running_emulator() as client:
         yield client
+
+
+@pytest.fixture(scope="session")
+def orthanc_server() -> Iterator[Orthanc]:
+    with running_orthanc() as server:
+        yield server
+
+
+@pytest.fixture
+def orthanc(orthanc_server: Orthanc, monkeypatch: pytest.MonkeyPatch) -> Orthanc:
+    """An empty Orthanc, and its credentials in the environment as the contract says."""
+    orthanc_server.clear()
+    monkeypatch.setenv("DICOMWEB_USERNAME", orthanc_server.username)
+    monkeypatch.setenv("DICOMWEB_PASSWORD", orthanc_server.password)
+    return orthanc_server
 
 
 class Run:

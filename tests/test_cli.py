@@ -33,6 +33,11 @@ def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         (["--input=gs://b/a/*/**", "--store=s"], "--input", "no other wildcard"),
         (["--input=a/**", "--store=ftp://host/x"], "--store", "neither a local path nor gs://"),
         (["--input=a/**", "--store=s", "--dead_letter=gs://"], "--dead_letter", "no bucket name"),
+        (["--input=a/**", "--store=https://u:pw@host/dicom-web"], "--store", "not in the URL"),
+        (["--input=a/**", "--store=http:///dicom-web"], "--store", "not a DICOMweb service root"),
+        (["--input=a/**", "--store=projects/p/locations/l/datasets/d"], "--store", "dicomStores/S"),
+        (["--input=a/**", "--store=http://h/dw", "--storage_class=COLD"], "--storage_class", "one of"),
+        (["--input=a/**", "--store=s", "--storage_class=ARCHIVE"], "--storage_class", "DICOMweb and"),
     ],
 )
 def test_bad_options_exit_2_with_one_line(tmp_path: Path, args: list[str], option: str, words: str) -> None:
@@ -41,6 +46,7 @@ def test_bad_options_exit_2_with_one_line(tmp_path: Path, args: list[str], optio
     assert result.stdout == ""
     [line] = result.stderr.strip().splitlines()
     assert line.startswith(f"error: {option}:") and words in line
+    assert "pw@" not in line
     assert not list(tmp_path.iterdir()), "nothing may be done before the options are checked"
 
 

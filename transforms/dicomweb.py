@@ -27,6 +27,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import requests
+from google.auth.exceptions import GoogleAuthError
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
@@ -326,6 +327,8 @@ class DicomWebStore(Store):
                     raise RequestFailed(f"{method} {self.root}{path}: {type(error).__name__}") from None
                 time.sleep(min(30.0, 0.5 * 2**attempt) * random.uniform(0.5, 1.0))
                 continue
+            except GoogleAuthError as error:
+                raise StoreUnavailable(f"no access token for {self.root}: {type(error).__name__}") from None
             except requests.RequestException as error:
                 reason = _cause(error)
                 raise StoreUnavailable(f"cannot reach the DICOMweb store {self.root}: {reason}") from None

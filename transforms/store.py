@@ -83,7 +83,8 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def metadata(self, ref: InstanceRef) -> dict[str, Any]:
-        """The instance's attributes as a DICOM JSON object, without Pixel Data."""
+        """The instance's attributes as a DICOM JSON object; Pixel Data is left out or given as a
+        BulkDataURI (as WADO-RS metadata does), never inline."""
 
     @abc.abstractmethod
     def delete(self, study: str, series: str | None = None, sop: str | None = None) -> None:
