@@ -32,6 +32,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
 from transforms import NAMESPACE
+from transforms.dicom_header import LONG_LENGTH_VRS
 from transforms.objects import read_bytes
 from transforms.store import (
     ALREADY_PRESENT,
@@ -62,8 +63,6 @@ FAILURE_REASONS = {
     0xC000: "cannot understand",
     0xC122: "transfer syntax not supported",
 }
-LONG_LENGTH_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR",
-                   b"UT", b"UV"}  # fmt: skip
 
 
 class RequestFailed(OSError):
