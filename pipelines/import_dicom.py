@@ -50,6 +50,12 @@ class ImportDicomOptions(PipelineOptions):
             help="STANDARD, NEARLINE, COLDLINE or ARCHIVE: the Storage-Class header sent on STOW-RS.",
         )
         parser.add_argument(
+            "--verify_stored",
+            action="store_true",
+            help="DICOMweb stores: after each STOW-RS, check with QIDO-RS that every instance the "
+            "server acknowledged is there (for servers that may drop what they acknowledge).",
+        )
+        parser.add_argument(
             "--dead_letter",
             help="Directory (local or gs://) for failed items as JSON lines; default ./dead_letter.",
         )
@@ -102,7 +108,9 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions) -> None:
         parsed.parsed
         | "BySopInstanceUid" >> beam.GroupByKey()
         | "Store"
-        >> beam.ParDo(WriteInstances(mine.store, mine.storage_class)).with_outputs(DEAD_LETTER, main="stored")
+        >> beam.ParDo(WriteInstances(mine.store, mine.storage_class, mine.verify_stored)).with_outputs(
+            DEAD_LETTER, main="stored"
+        )
     )
     (
         (expanded[DEAD_LETTER], parsed[DEAD_LETTER], stored[DEAD_LETTER])

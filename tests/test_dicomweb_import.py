@@ -87,7 +87,7 @@ def test_instances_the_server_refuses_are_dead_letters_and_the_rest_are_stored(
     orthanc: Orthanc, tmp_path: Path
 ) -> None:
     """Orthanc's filter drops the instance while its DICOMweb plugin reports it stored; the
-    QIDO check after STOW-RS catches that."""
+    QIDO check after STOW-RS (--verify_stored) catches that."""
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     for path in sorted(SAMPLE.glob("ct/**/*.dcm"))[:5]:
@@ -100,7 +100,8 @@ def test_instances_the_server_refuses_are_dead_letters_and_the_rest_are_stored(
         dataset.SOPInstanceUID = pydicom.uid.generate_uid()
     dataset.save_as(refused)
 
-    run = run_import(f"--input={inbox}/*.dcm", f"--store={orthanc.dicomweb}", dead_letter=tmp_path / "dl")
+    store = f"--store={orthanc.dicomweb}"
+    run = run_import(f"--input={inbox}/*.dcm", store, "--verify_stored", dead_letter=tmp_path / "dl")
 
     assert run.status == 3
     assert (run.summary["success"], run.summary["failure"]) == (5, 1)

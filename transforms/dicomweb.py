@@ -9,8 +9,9 @@ retried here, because urllib3 has already handed it over when its body breaks.
 STOW-RS does not say whether an instance was already stored (Orthanc, for one, answers success and
 keeps the old copy), so each batch first asks QIDO which of its SOP Instance UIDs exist; those are
 read back and compared instead of sent: the same data set is `already_present`, another is a
-`conflict`, as the file-layout store does. After the STOW, one more QIDO query confirms that what
-the server acknowledged is there. A batch of 50 new instances costs three requests.
+`conflict`, as the file-layout store does. A batch of 50 new instances costs two requests; with
+`verify_stored`, a third QIDO query after the STOW confirms that what the server acknowledged is
+there.
 """
 
 from __future__ import annotations
@@ -103,7 +104,9 @@ def session_from_environment() -> requests.Session:
     return with_retries(session)
 
 
-def healthcare_store(name: str, storage_class: str | None = None) -> DicomWebStore:
+def healthcare_store(
+    name: str, storage_class: str | None = None, verify_stored: bool = False
+) -> DicomWebStore:
     """A Cloud Healthcare API store, with Application Default Credentials (refreshed as needed)."""
     import google.auth
     from google.auth.exceptions import DefaultCredentialsError
@@ -115,7 +118,7 @@ def healthcare_store(name: str, storage_class: str | None = None) -> DicomWebSto
         raise StoreUnavailable(f"no Application Default Credentials for {name}: {error}") from None
     api = os.environ.get("HEALTHCARE_API_ROOT", HEALTHCARE_API).rstrip("/")
     session = with_retries(AuthorizedSession(credentials))
-    return DicomWebStore(f"{api}/{name}/dicomWeb", session, storage_class, operations_root=api)
+    return DicomWebStore(f"{api}/{name}/dicomWeb", session, storage_class, verify_stored, operations_root=api)
 
 
 class DicomWebStore(Store):
@@ -126,11 +129,13 @@ class DicomWebStore(Store):
         root: str,
         session: requests.Session,
         storage_class: str | None = None,
+        verify_stored: bool = False,
         operations_root: str | None = None,
     ) -> None:
         self.location = self.root = root.rstrip("/")
         self.session = session
         self.storage_class = storage_class
+        self.verify_stored = verify_stored  # QIDO after STOW: see _verify
         self.operations_root = operations_root  # where long-running operations are polled
         self.requests_made = 0
 
@@ -178,13 +183,14 @@ class DicomWebStore(Store):
         except ValueError:
             referenced, failed = set(), {}
         results = {index: self._stow_outcome(item, response, referenced, failed) for index, item in items}
-        return self._confirm(items, results, response.status_code)
+        return self._verify(items, results, response.status_code) if self.verify_stored else results
 
-    def _confirm(
+    def _verify(
         self, items: list[tuple[int, Parsed]], results: dict[int, Written], status: int
     ) -> dict[int, Written]:
         """Ask QIDO for the instances STOW-RS called stored: a server may acknowledge an instance
-        and drop it (Orthanc's DICOMweb plugin does when a filter refuses it)."""
+        and drop it (Orthanc's DICOMweb plugin does when its filter refuses one). Optional, as it
+        costs a QIDO query whose matches the server must look up (40% more work for Orthanc)."""
         claimed = [(index, item) for index, item in items if results[index].outcome == SUCCESS]
         held = self._stored_refs([item.ref.sop for _, item in claimed])
         for index, item in claimed:

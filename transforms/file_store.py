@@ -12,7 +12,7 @@ from transforms.dicom_header import read_header
 from transforms.objects import (
     Lister,
     MatchedFile,
-    copy_create_only,
+    copy,
     delete_tree,
     fingerprint,
     is_gcs,
@@ -54,7 +54,7 @@ class FileLayoutStore(Store):
         target = self.instance_uri(item.ref)
         try:
             existing = fingerprint(target)
-            if existing is None and copy_create_only(item.file.uri, target):
+            if existing is None and copy(item.file.uri, target, create_only=True):
                 return Written(SUCCESS, target)
             same = fingerprint(item.file.uri) == (existing or fingerprint(target))
         except IO_ERRORS as error:

@@ -217,15 +217,17 @@ def fingerprint(uri: str) -> tuple[int, str] | None:
     return os.path.getsize(uri), base64.b64encode(checksum.digest()).decode()
 
 
-def copy_create_only(source: str, destination: str) -> bool:
-    """Copy bytes unchanged to a destination that must not exist yet; False if it already did.
+def copy(source: str, destination: str, create_only: bool = False) -> bool:
+    """Copy bytes unchanged; with `create_only`, False (and nothing changed) if `destination` exists.
 
     No partial file is ever visible at `destination`: locally the copy is written to a temporary
-    file and hard-linked into place (a link, unlike a rename, fails when the name exists); on GCS an
-    upload or server-side rewrite with `if_generation_match=0` only appears once complete.
+    file and then renamed into place, or hard-linked when `create_only` (a link, unlike a rename,
+    fails when the name exists); on GCS an upload, or a server-side rewrite when the source is in
+    GCS too (no bytes through this process), appears only once complete, and `if_generation_match=0`
+    makes it create-only.
     """
     if is_gcs(destination):
-        return _copy_to_gcs(source, destination)
+        return _copy_to_gcs(source, destination, create_only)
     directory = os.path.dirname(destination)
     os.makedirs(directory, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=directory, prefix=f".{uuid.uuid4().hex}.", delete=False) as tmp:
@@ -237,23 +239,25 @@ def copy_create_only(source: str, destination: str) -> bool:
                     shutil.copyfileobj(handle, tmp, 1 << 20)
             tmp.flush()
             os.fsync(tmp.fileno())
-            os.link(tmp.name, destination)
+            (os.link if create_only else os.replace)(tmp.name, destination)
             return True
         except FileExistsError:
             return False
         finally:
-            os.unlink(tmp.name)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp.name)
 
 
-def _copy_to_gcs(source: str, destination: str) -> bool:
+def _copy_to_gcs(source: str, destination: str, create_only: bool) -> bool:
     target = _blob(destination)
+    condition = {"if_generation_match": 0} if create_only else {}
     try:
         if is_gcs(source):
-            token, _, _ = target.rewrite(_blob(source), if_generation_match=0)
+            token, _, _ = target.rewrite(_blob(source), **condition)
             while token is not None:
-                token, _, _ = target.rewrite(_blob(source), token=token, if_generation_match=0)
+                token, _, _ = target.rewrite(_blob(source), token=token, **condition)
         else:
-            target.upload_from_filename(source, if_generation_match=0)
+            target.upload_from_filename(source, **condition)
     except gcs_errors.PreconditionFailed:
         return False
     return True
@@ -291,3 +295,15 @@ def delete_tree(uri: str) -> None:
     else:
         with contextlib.suppress(FileNotFoundError):
             os.remove(uri)
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Create or replace a file or object; a reader never sees it half written."""
+    if is_gcs(uri):
+        _blob(uri).upload_from_string(data, content_type="application/octet-stream")
+        return
+    directory = os.path.dirname(uri)
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=directory, prefix=f".{uuid.uuid4().hex}.", delete=False) as tmp:
+        tmp.write(data)
+    os.replace(tmp.name, uri)

@@ -103,8 +103,11 @@ def store_kind(location: str) -> str:
     return "files"
 
 
-def open_store(location: str, storage_class: str | None = None) -> Store:
-    """The store at `location`; network stores read their credentials here, on the worker."""
+def open_store(location: str, storage_class: str | None = None, verify_stored: bool = False) -> Store:
+    """The store at `location`; network stores read their credentials here, on the worker.
+
+    `storage_class` and `verify_stored` concern DICOMweb stores (see transforms/dicomweb.py).
+    """
     kind = store_kind(location)
     if kind == "files":
         from transforms.file_store import FileLayoutStore
@@ -113,5 +116,6 @@ def open_store(location: str, storage_class: str | None = None) -> Store:
     from transforms import dicomweb
 
     if kind == "healthcare":
-        return dicomweb.healthcare_store(location, storage_class)
-    return dicomweb.DicomWebStore(location, dicomweb.session_from_environment(), storage_class)
+        return dicomweb.healthcare_store(location, storage_class, verify_stored)
+    session = dicomweb.session_from_environment()
+    return dicomweb.DicomWebStore(location, session, storage_class, verify_stored)

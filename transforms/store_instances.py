@@ -26,7 +26,7 @@ from transforms.progress import Progress
 from transforms.store import FAILURE, SUCCESS, InstanceRef, Parsed, Written, open_store
 
 READ_ERRORS = (OSError, google_errors.GoogleAPIError)
-MAX_BATCH_INSTANCES = 50
+MAX_BATCH_INSTANCES = 100
 MAX_BATCH_BYTES = 32 * 1024 * 1024
 IN_FLIGHT = 4  # batches being written at once by one DoFn instance
 
@@ -63,16 +63,17 @@ class WriteInstances(beam.DoFn):
     the DoFn's own thread, where Beam's metrics are recorded.
     """
 
-    def __init__(self, location: str, storage_class: str | None = None) -> None:
+    def __init__(self, location: str, storage_class: str | None = None, verify_stored: bool = False) -> None:
         self.location = location
         self.storage_class = storage_class
+        self.verify_stored = verify_stored
         self.counters = {
             name: Metrics.counter(NAMESPACE, name)
             for name in ("success", "already_present", "failure", "bytes_stored")
         }
 
     def setup(self) -> None:
-        self.store = open_store(self.location, self.storage_class)
+        self.store = open_store(self.location, self.storage_class, self.verify_stored)
         self.pool = concurrent.futures.ThreadPoolExecutor(IN_FLIGHT)
         self.progress = Progress("import_dicom")
 
