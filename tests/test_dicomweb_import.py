@@ -25,7 +25,7 @@ def everything(store: Store) -> set:
     return {ref for study in store.studies() for ref in store.instances(study)}
 
 
-def test_the_corpus_lands_in_orthanc_as_in_a_file_store(
+def test_the_corpus_lands_in_orthanc_as_in_a_file_store_and_again_finds_it_there(
     corpus_dir: Path, orthanc: Orthanc, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     files = run_import(
@@ -42,6 +42,11 @@ def test_the_corpus_lands_in_orthanc_as_in_a_file_store(
     assert web.summary["matched"] == web.summary["success"] + web.summary["already_present"] + len(
         web.dead_letters
     )
+    assert orthanc.instance_count() == web.summary["success"]
+
+    again = run_import(f"--input={corpus_dir}/**", f"--store={orthanc.dicomweb}", dead_letter=tmp_path / "c")
+    assert again.reasons() == web.reasons()
+    assert again.summary["already_present"] == web.summary["success"] + web.summary["already_present"]
     assert orthanc.instance_count() == web.summary["success"]
 
     monkeypatch.setattr(dicomweb, "PAGE", 7)  # QIDO listing must page through everything

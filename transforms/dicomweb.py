@@ -179,10 +179,10 @@ class DicomWebStore(Store):
         if response.status_code in (404, 405, 501):
             raise StoreUnavailable(f"no STOW-RS service at {self.root}/studies (HTTP {response.status_code})")
         try:
-            referenced, failed = parse_stow_response(response)
+            answer: tuple[set[str], dict[str, int]] | None = parse_stow_response(response)
         except ValueError:
-            referenced, failed = set(), {}
-        results = {index: self._stow_outcome(item, response, referenced, failed) for index, item in items}
+            answer = None
+        results = {index: self._stow_outcome(item, response, answer) for index, item in items}
         return self._verify(items, results, response.status_code) if self.verify_stored else results
 
     def _verify(
@@ -200,9 +200,11 @@ class DicomWebStore(Store):
         return results
 
     def _stow_outcome(
-        self, item: Parsed, response: requests.Response, referenced: set[str], failed: dict[str, int]
+        self, item: Parsed, response: requests.Response, answer: tuple[set[str], dict[str, int]] | None
     ) -> Written:
+        """`answer` is the parsed STOW-RS response (referenced, failed), None if there was none."""
         location = self.root + item.ref.path()
+        referenced, failed = answer or (set(), {})
         if item.ref.sop in failed:
             code = failed[item.ref.sop]
             if code == DUPLICATE_INSTANCE:  # stored meanwhile, by another worker: compare
@@ -213,9 +215,11 @@ class DicomWebStore(Store):
             return Written(FAILURE, location, "rejected", detail)
         if item.ref.sop in referenced:
             return Written(SUCCESS, location)
-        if response.ok or referenced or failed:
+        if answer is not None:  # a STOW-RS answer that leaves the instance out
             detail = f"not in the server's STOW-RS response (HTTP {response.status_code})"
             return Written(FAILURE, location, "rejected", detail)
+        if 400 <= response.status_code < 500:  # the server refused the request's content
+            return Written(FAILURE, location, "rejected", _status_detail(response))
         return Written(FAILURE, location, "write_error", _status_detail(response))
 
     def _compare(self, item: Parsed, stored: InstanceRef) -> Written:
