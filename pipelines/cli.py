@@ -5,7 +5,10 @@ from __future__ import annotations
 import importlib
 import sys
 
-PIPELINES = ("import_dicom",)
+PIPELINES = (
+    "import_dicom",
+    "export_dicom",
+)
 
 
 def main() -> int:

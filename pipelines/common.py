@@ -29,6 +29,27 @@ from transforms.store import HEALTHCARE_STORE, store_kind
 LOCAL_RUNNERS = {None, "DirectRunner", "direct", "directrunner"}
 
 
+class SharedOptions(PipelineOptions):
+    """Options of several pipelines. Beam puts every options class into one parser, so each option
+    is defined once, here, and each pipeline checks the ones it uses."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser) -> None:
+        parser.add_argument(
+            "--store",
+            help="A local directory or gs://bucket/prefix (file layout), a DICOMweb service root "
+            "(http[s]://...), or projects/P/locations/L/datasets/D/dicomStores/S.",
+        )
+        parser.add_argument(
+            "--filter_file",
+            help="A local or gs:// file of /studies/UID[/series/UID[/instances/UID]] lines: only these.",
+        )
+        parser.add_argument(
+            "--dead_letter",
+            help="Directory (local or gs://) for failed items as JSON lines; default ./dead_letter.",
+        )
+
+
 class OptionError(ValueError):
     """A bad option value; the message names the option and the reason."""
 
@@ -52,8 +73,10 @@ def check_local_or_gcs(option: str, location: str) -> str:
     return os.path.abspath(location)
 
 
-def check_store(option: str, location: str) -> str:
+def check_store(option: str, location: str | None) -> str:
     """A file-layout store (local or gs://), a DICOMweb service root, or a Healthcare API store."""
+    if not location:
+        raise OptionError(option, "required: a directory, gs:// prefix, DICOMweb URL or Healthcare store")
     kind = store_kind(location)
     if kind == "healthcare":
         if not HEALTHCARE_STORE.fullmatch(location.rstrip("/")):
@@ -119,6 +142,11 @@ def execute(
     summary, failed = summarize(counters(result))
     print(json.dumps(summary))
     return 3 if failed else 0
+
+
+def failure_reasons(counts: dict[str, int]) -> dict[str, int]:
+    """The dead letters' reasons, as counted by WriteDeadLetters."""
+    return {k[len("failure_") :]: v for k, v in sorted(counts.items()) if k.startswith("failure_")}
 
 
 def counters(result: beam.runners.runner.PipelineResult) -> dict[str, int]:

@@ -19,9 +19,11 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines.common import (
     OptionError,
+    SharedOptions,
     check_store,
     dead_letter_location,
     execute,
+    failure_reasons,
     repeated,
     run_name,
 )
@@ -41,11 +43,6 @@ class ImportDicomOptions(PipelineOptions):
             help="A local or gs:// pattern with the wildcards *, ? and a final ** (repeatable).",
         )
         parser.add_argument(
-            "--store",
-            help="A local directory or gs://bucket/prefix (file layout), a DICOMweb service root "
-            "(http[s]://...), or projects/P/locations/L/datasets/D/dicomStores/S.",
-        )
-        parser.add_argument(
             "--storage_class",
             help="STANDARD, NEARLINE, COLDLINE or ARCHIVE: the Storage-Class header sent on STOW-RS.",
         )
@@ -55,29 +52,24 @@ class ImportDicomOptions(PipelineOptions):
             help="DICOMweb stores: after each STOW-RS, check with QIDO-RS that every instance the "
             "server acknowledged is there (for servers that may drop what they acknowledge).",
         )
-        parser.add_argument(
-            "--dead_letter",
-            help="Directory (local or gs://) for failed items as JSON lines; default ./dead_letter.",
-        )
 
 
 def parse(argv: Sequence[str]) -> PipelineOptions:
     """Parse and check every option before any work; OptionError names the bad one."""
     options = PipelineOptions(argv)
     mine = options.view_as(ImportDicomOptions)
+    shared = options.view_as(SharedOptions)
     if not repeated(mine.input):
         raise OptionError("input", "required: at least one file pattern")
     mine.input = [_pattern(text).text for text in repeated(mine.input)]
-    if not mine.store:
-        raise OptionError("store", "required: a directory, gs:// prefix, DICOMweb URL or Healthcare store")
-    mine.store = check_store("store", mine.store)
+    shared.store = check_store("store", shared.store)
     if mine.storage_class is not None:
         mine.storage_class = mine.storage_class.upper()
         if mine.storage_class not in STORAGE_CLASSES:
             raise OptionError("storage_class", f"must be one of {', '.join(STORAGE_CLASSES)}")
-        if store_kind(mine.store) == "files":
+        if store_kind(shared.store) == "files":
             raise OptionError("storage_class", "applies to DICOMweb and Cloud Healthcare API stores only")
-    mine.dead_letter = dead_letter_location(options, mine.dead_letter)
+    shared.dead_letter = dead_letter_location(options, shared.dead_letter)
     return options
 
 
@@ -92,7 +84,7 @@ def _pattern(text: str) -> Pattern:
 
 def build(pipeline: beam.Pipeline, options: PipelineOptions) -> None:
     """Construct the import; no listing or other I/O happens here."""
-    mine = options.view_as(ImportDicomOptions)
+    mine, shared = options.view_as(ImportDicomOptions), options.view_as(SharedOptions)
     patterns = [parse_pattern(text) for text in mine.input]
     expanded = (
         pipeline
@@ -108,14 +100,14 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions) -> None:
         parsed.parsed
         | "BySopInstanceUid" >> beam.GroupByKey()
         | "Store"
-        >> beam.ParDo(WriteInstances(mine.store, mine.storage_class, mine.verify_stored)).with_outputs(
+        >> beam.ParDo(WriteInstances(shared.store, mine.storage_class, mine.verify_stored)).with_outputs(
             DEAD_LETTER, main="stored"
         )
     )
     (
         (expanded[DEAD_LETTER], parsed[DEAD_LETTER], stored[DEAD_LETTER])
         | "AllFailures" >> beam.Flatten()
-        | "DeadLetter" >> WriteDeadLetters(mine.dead_letter, run_name("import_dicom"))
+        | "DeadLetter" >> WriteDeadLetters(shared.dead_letter, run_name("import_dicom"))
     )
 
 
@@ -123,8 +115,7 @@ def summarize(counts: dict[str, int]) -> tuple[dict[str, object], bool]:
     """matched = success + already_present + failure; unmatched patterns also fail the run."""
     keys = ("matched", "success", "already_present", "failure", "unmatched_patterns")
     summary: dict[str, object] = {key: counts.get(key, 0) for key in keys}
-    reasons = {k[len("failure_") :]: v for k, v in sorted(counts.items()) if k.startswith("failure_")}
-    summary["failure_reasons"] = reasons
+    summary["failure_reasons"] = failure_reasons(counts)
     summary["bytes_read"] = counts.get("bytes_read", 0)
     summary["bytes_stored"] = counts.get("bytes_stored", 0)
     return summary, bool(summary["failure"] or summary["unmatched_patterns"])

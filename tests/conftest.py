@@ -6,7 +6,7 @@ import contextlib
 import io
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pydicom
@@ -81,12 +81,22 @@ class Run:
         return {record["uri"]: record["reason"] for record in self.dead_letters}
 
 
-def run_import(*args: str, dead_letter: Path) -> Run:
-    """Run the import pipeline in this process (the CLI tests run it as a subprocess)."""
-    from pipelines import import_dicom
-
+def run_pipeline(main: Callable[[list[str]], int], *args: str, dead_letter: Path) -> Run:
+    """Run a pipeline's main in this process (the CLI tests run them as subprocesses)."""
     shutil.rmtree(dead_letter, ignore_errors=True)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        status = import_dicom.main([*args, f"--dead_letter={dead_letter}"])
+        status = main([*args, f"--dead_letter={dead_letter}"])
     return Run(status, out.getvalue(), dead_letter)
+
+
+def run_import(*args: str, dead_letter: Path) -> Run:
+    from pipelines import import_dicom
+
+    return run_pipeline(import_dicom.main, *args, dead_letter=dead_letter)
+
+
+def run_export(*args: str, dead_letter: Path) -> Run:
+    from pipelines import export_dicom
+
+    return run_pipeline(export_dicom.main, *args, dead_letter=dead_letter)

@@ -265,6 +265,7 @@ class DicomWebStore(Store):
         offset = 0
         while True:
             page = self._json("GET", path, params={"limit": str(PAGE), "offset": str(offset)})
+            self.listed += len(page)
             if not page:
                 return
             yield from page
@@ -272,6 +273,8 @@ class DicomWebStore(Store):
 
     def read(self, ref: InstanceRef) -> bytes:
         response = self._request("GET", ref.path(), headers={"Accept": DICOM_PART})
+        if response.status_code == 404:
+            raise FileNotFoundError(f"{self.root}{ref.path()}")
         _check(response, ref.path())
         parts = split_multipart(response.content, response.headers.get("Content-Type", ""))
         if len(parts) != 1:

@@ -67,6 +67,7 @@ class FileLayoutStore(Store):
     def studies(self) -> Iterator[str]:
         lister, prefix = self._lister(join(self.root, "studies") + "/")
         _, directories = lister.children(prefix)
+        self.listed += lister.listed
         for directory in directories:
             yield directory.rstrip("/").rsplit("/", 1)[-1]
 
@@ -74,12 +75,22 @@ class FileLayoutStore(Store):
         parts = ["studies", study] + (["series", series] if series else [])
         lister, prefix = self._lister(join(self.root, *parts) + "/")
         for file in lister.descendants(prefix):
+            self.listed += 1
             match = INSTANCE_PATH.search(file.uri)
             if match:
                 yield InstanceRef(*match.groups())
 
     def read(self, ref: InstanceRef) -> bytes:
         return read_bytes(self.instance_uri(ref))
+
+    def copy_instance(self, ref: InstanceRef, destination: str) -> int:
+        """A server-side copy when both ends are in GCS: no bytes pass through the worker."""
+        source = self.instance_uri(ref)
+        size = size_of(source)
+        if size is None:
+            raise FileNotFoundError(source)
+        copy(source, destination)
+        return 0 if is_gcs(source) and is_gcs(destination) else size
 
     def metadata(self, ref: InstanceRef) -> dict[str, Any]:
         """Parsed from the file's header only: Pixel Data is never read."""

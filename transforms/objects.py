@@ -273,9 +273,12 @@ def size_of(uri: str) -> int | None:
 
 
 def read_bytes(uri: str) -> bytes:
-    """The whole file or object."""
+    """The whole file or object; FileNotFoundError if there is none."""
     if is_gcs(uri):
-        return _blob(uri).download_as_bytes(raw_download=True)
+        try:
+            return _blob(uri).download_as_bytes(raw_download=True)
+        except gcs_errors.NotFound:
+            raise FileNotFoundError(uri) from None
     with open(uri, "rb") as handle:
         return handle.read()
 

@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
-from transforms.objects import MatchedFile
+from transforms.objects import MatchedFile, write_bytes
 
 HEALTHCARE_STORE = re.compile(r"projects/[^/]+/locations/[^/]+/datasets/[^/]+/dicomStores/[^/]+")
 STORAGE_CLASSES = ("STANDARD", "NEARLINE", "COLDLINE", "ARCHIVE")
@@ -60,6 +60,7 @@ class Store(abc.ABC):
     """Write instances in batches; list, read and delete them."""
 
     location: str
+    listed: int = 0  # objects or QIDO results listed so far: the cost of selection
 
     @abc.abstractmethod
     def write(self, batch: Sequence[Parsed]) -> list[Written]:
@@ -79,7 +80,15 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def read(self, ref: InstanceRef) -> bytes:
-        """The instance as a DICOM Part 10 file, in its stored transfer syntax."""
+        """The instance as a DICOM Part 10 file, in its stored transfer syntax; FileNotFoundError
+        if the store does not hold it."""
+
+    def copy_instance(self, ref: InstanceRef, destination: str) -> int:
+        """Write the instance, unchanged, to a local or gs:// file; the bytes that passed through
+        this worker (stores that can copy without them override this)."""
+        data = self.read(ref)
+        write_bytes(destination, data)
+        return len(data)
 
     @abc.abstractmethod
     def metadata(self, ref: InstanceRef) -> dict[str, Any]:

@@ -1,0 +1,142 @@
+"""Export a store's instances as files: DICOM (as stored or transcoded), octet-stream, JPEG or PNG.
+
+    python -m pipelines.export_dicom --store gs://bucket/store --output gs://archive/2026-11-23 \\
+        --filter_file gs://bucket/filters/today.txt
+
+Instances are selected inside the pipeline (studies, then the instances of each; with a filter file,
+only what its lines name), reshuffled, and written under `{output}/{study}/{series}/`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from pipelines.common import (
+    OptionError,
+    SharedOptions,
+    check_local_or_gcs,
+    check_store,
+    dead_letter_location,
+    execute,
+    failure_reasons,
+    run_name,
+)
+from transforms.convert import TRANSFER_SYNTAXES
+from transforms.dead_letter import DEAD_LETTER, WriteDeadLetters
+from transforms.export import (
+    FILE_TYPES,
+    ExportInstances,
+    ListInstances,
+    ListStudies,
+    ParseFilterLine,
+    merge_study,
+)
+from transforms.filters import FilterError, read_filter
+
+
+class ExportDicomOptions(PipelineOptions):
+    @classmethod
+    def _add_argparse_args(cls, parser) -> None:
+        parser.add_argument("--output", help="A local directory or gs:// prefix; created when missing.")
+        parser.add_argument(
+            "--file_type", default="dicom", help=f"One of {', '.join(FILE_TYPES)}; default dicom."
+        )
+        parser.add_argument(
+            "--transfer_syntax",
+            help="With --file_type=dicom: a lossless transfer syntax UID to transcode to.",
+        )
+
+
+def parse(argv: Sequence[str]) -> PipelineOptions:
+    """Check every option, and every line of the filter file, before any work."""
+    options = PipelineOptions(argv)
+    mine, shared = options.view_as(ExportDicomOptions), options.view_as(SharedOptions)
+    shared.store = check_store("store", shared.store)
+    if not mine.output:
+        raise OptionError("output", "required: a local directory or gs:// prefix")
+    mine.output = check_local_or_gcs("output", mine.output)
+    if os.path.exists(mine.output) and not os.path.isdir(mine.output):
+        raise OptionError("output", f"{mine.output} exists and is not a directory")
+    if mine.file_type not in FILE_TYPES:
+        raise OptionError("file_type", f"{mine.file_type!r} is not one of {', '.join(FILE_TYPES)}")
+    if mine.transfer_syntax is not None:
+        if mine.file_type != "dicom":
+            raise OptionError("transfer_syntax", "applies to --file_type=dicom only")
+        if mine.transfer_syntax not in TRANSFER_SYNTAXES:
+            known = ", ".join(f"{uid} ({name})" for uid, name in TRANSFER_SYNTAXES.items())
+            raise OptionError("transfer_syntax", f"{mine.transfer_syntax!r} is not one of {known}")
+    if shared.filter_file:
+        shared.filter_file = check_local_or_gcs("filter_file", shared.filter_file)
+        _check_filter(shared.filter_file)
+    shared.dead_letter = dead_letter_location(options, shared.dead_letter)
+    return options
+
+
+def _check_filter(uri: str) -> None:
+    """Read the filter file once on the launcher: a malformed line must stop the run before it starts."""
+    try:
+        targets = read_filter(uri)
+    except FilterError as error:
+        raise OptionError("filter_file", str(error)) from None
+    except OSError as error:
+        raise OptionError("filter_file", f"cannot read {uri}: {error.strerror or error}") from None
+    if not targets:
+        raise OptionError("filter_file", f"{uri} names no study, series or instance")
+
+
+def build(pipeline: beam.Pipeline, options: PipelineOptions) -> None:
+    """Construct the export; no listing or other I/O happens here."""
+    mine, shared = options.view_as(ExportDicomOptions), options.view_as(SharedOptions)
+    if shared.filter_file:
+        targets = (
+            pipeline
+            | "ReadFilter" >> beam.io.ReadFromText(shared.filter_file)
+            | "ParseFilter" >> beam.ParDo(ParseFilterLine())
+            | "ByStudy" >> beam.GroupByKey()
+            | "Merge" >> beam.FlatMap(merge_study)
+        )
+    else:
+        targets = (
+            pipeline
+            | "Start" >> beam.Create([None])
+            | "ListStudies" >> beam.ParDo(ListStudies(shared.store))
+            | "SpreadStudies" >> beam.Reshuffle()
+        )
+    selected = targets | "ListInstances" >> beam.ParDo(ListInstances(shared.store)).with_outputs(
+        DEAD_LETTER, main="instances"
+    )
+    exported = (
+        selected.instances
+        | "SpreadInstances" >> beam.Reshuffle()
+        | "Export"
+        >> beam.ParDo(
+            ExportInstances(shared.store, mine.output, mine.file_type, mine.transfer_syntax)
+        ).with_outputs(DEAD_LETTER, main="files")
+    )
+    (
+        (selected[DEAD_LETTER], exported[DEAD_LETTER])
+        | "AllFailures" >> beam.Flatten()
+        | "DeadLetter" >> WriteDeadLetters(shared.dead_letter, run_name("export_dicom"))
+    )
+
+
+def summarize(counts: dict[str, int]) -> tuple[dict[str, object], bool]:
+    """selected = success + failure; a filter target that matched nothing also fails the run."""
+    keys = ("selected", "success", "failure", "unmatched_targets", "files_written")
+    keys += ("objects_listed", "bytes_through_worker")
+    summary: dict[str, object] = {key: counts.get(key, 0) for key in keys}
+    summary["failure_reasons"] = failure_reasons(counts)
+    return summary, bool(summary["failure"] or summary["unmatched_targets"])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return execute(sys.argv[1:] if argv is None else argv, parse, build, summarize)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

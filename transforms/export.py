@@ -1,0 +1,175 @@
+"""Select a store's instances (all, or what a filter names) and write each out as files.
+
+Selection never scans more than it must: without a filter, studies are listed and then the
+instances of each study; with one, only the studies and series its lines name are listed (a
+directory prefix of the file-layout store, a QIDO-RS query of a DICOMweb store), and instance
+lines are read directly.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+from google.api_core import exceptions as google_errors
+
+from transforms import NAMESPACE
+from transforms.convert import ConversionError, frames, render, transcode
+from transforms.dead_letter import failure
+from transforms.dicom_header import valid_uid
+from transforms.filters import Target, merge, parse_line
+from transforms.objects import is_gcs, join, write_bytes
+from transforms.progress import Progress
+from transforms.store import InstanceRef, open_store
+
+FILE_TYPES = {"dicom": "dcm", "octet-stream": "bin", "jpeg": "jpg", "png": "png"}
+IO_ERRORS = (OSError, google_errors.GoogleAPIError)
+
+
+class ParseFilterLine(beam.DoFn):
+    """A filter file's line -> (study, Target); the file was checked line by line on the launcher."""
+
+    def process(self, line: str) -> Iterator[tuple[str, Target]]:
+        if line.strip():
+            target = parse_line(line)
+            yield target.study, target
+
+
+def merge_study(element: tuple[str, Iterable[Target]]) -> Iterator[Target]:
+    """One study's targets without overlaps: every target is inside its study, so merging per
+    study (after a GroupByKey) merges the whole file."""
+    yield from merge(element[1])
+
+
+class ListStudies(beam.DoFn):
+    """Anything -> a Target for every study in the store (the unfiltered export)."""
+
+    def __init__(self, store_location: str) -> None:
+        self.store_location = store_location
+
+    def setup(self) -> None:
+        self.store = open_store(self.store_location)
+
+    def process(self, _: Any) -> Iterator[Target]:
+        before = self.store.listed
+        for study in self.store.studies():
+            yield Target(study)
+        Metrics.counter(NAMESPACE, "objects_listed").inc(self.store.listed - before)
+
+    def teardown(self) -> None:
+        self.store.close()
+
+
+class ListInstances(beam.DoFn):
+    """Target -> the InstanceRefs it covers; a study or series with none is a `no_match` failure."""
+
+    def __init__(self, store_location: str) -> None:
+        self.store_location = store_location
+        self.selected = Metrics.counter(NAMESPACE, "selected")
+        self.unmatched = Metrics.counter(NAMESPACE, "unmatched_targets")
+        self.listed = Metrics.counter(NAMESPACE, "objects_listed")
+
+    def setup(self) -> None:
+        self.store = open_store(self.store_location)
+
+    def process(self, target: Target) -> Iterator[InstanceRef | beam.pvalue.TaggedOutput]:
+        if target.sop is not None and target.series is not None:
+            self.selected.inc()
+            yield InstanceRef(target.study, target.series, target.sop)
+            return
+        found, before = 0, self.store.listed
+        for ref in self.store.instances(target.study, target.series):
+            found += 1
+            yield ref
+        self.selected.inc(found)
+        self.listed.inc(self.store.listed - before)
+        if not found:
+            self.unmatched.inc()
+            path = f"/studies/{target.study}" + (f"/series/{target.series}" if target.series else "")
+            yield failure(path, "select", "no_match", f"no instance in {self.store_location}")
+
+    def teardown(self) -> None:
+        self.store.close()
+
+
+class ExportInstances(beam.DoFn):
+    """InstanceRef -> the files written for it, under `{output}/{study}/{series}/`.
+
+    `dicom` writes `{sop}.dcm`, unchanged (copied server-side when both ends are in GCS) or
+    transcoded to `transfer_syntax`; the other types write one file per frame: `{sop}.{ext}` for a
+    single frame, `{sop}_{frame:04d}.{ext}` (frames counted from 1) for several.
+    """
+
+    def __init__(self, store_location: str, output: str, file_type: str, transfer_syntax: str | None) -> None:
+        self.store_location = store_location
+        self.output = output
+        self.file_type = file_type
+        self.transfer_syntax = transfer_syntax
+        self.counters = {
+            name: Metrics.counter(NAMESPACE, name)
+            for name in ("success", "failure", "files_written", "bytes_through_worker")
+        }
+
+    def setup(self) -> None:
+        self.store = open_store(self.store_location)
+        self.progress = Progress("export_dicom")
+        if not is_gcs(self.output):  # the contract: {output} exists after an export
+            os.makedirs(self.output, exist_ok=True)
+
+    def process(self, ref: InstanceRef) -> Iterator[str | beam.pvalue.TaggedOutput]:
+        path = ref.path()
+        bad = next((uid for uid in ref if not valid_uid(uid)), None)
+        if bad is not None:  # a UID from the store becomes a path only if it is a valid UID
+            yield self._fail(path, "select", "invalid_uid", f"{bad[:80]!r} is not 1-64 digits and dots")
+            return
+        stem = join(self.output, ref.study, ref.series, ref.sop)
+        stage = "read"
+        try:
+            if self.file_type == "dicom" and self.transfer_syntax is None:
+                stage = "write"
+                self.counters["bytes_through_worker"].inc(self.store.copy_instance(ref, f"{stem}.dcm"))
+                written = [f"{stem}.dcm"]
+            else:
+                data = self.store.read(ref)
+                self.counters["bytes_through_worker"].inc(len(data))
+                stage = "convert"
+                files = self._convert(data, stem)
+                stage = "write"
+                for name, content in files:
+                    write_bytes(name, content)
+                written = [name for name, _ in files]
+        except ConversionError as error:
+            yield self._fail(path, stage, error.reason, error.detail)
+            return
+        except FileNotFoundError as error:
+            yield self._fail(path, stage, "not_found", f"the store holds no such instance: {error}")
+            return
+        except IO_ERRORS as error:
+            reason = "write_error" if stage == "write" else "read_error"
+            yield self._fail(path, stage, reason, f"{type(error).__name__}: {error}")
+            return
+        self.counters["success"].inc()
+        self.counters["files_written"].inc(len(written))
+        self.progress.add("success")
+        yield from written
+
+    def _convert(self, data: bytes, stem: str) -> list[tuple[str, bytes]]:
+        """(file name, content) for each file this instance becomes."""
+        if self.file_type == "dicom":
+            return [(f"{stem}.dcm", transcode(data, self.transfer_syntax or ""))]
+        parts = frames(data) if self.file_type == "octet-stream" else render(data, self.file_type)
+        extension = FILE_TYPES[self.file_type]
+        if len(parts) == 1:
+            return [(f"{stem}.{extension}", parts[0])]
+        return [(f"{stem}_{number:04d}.{extension}", part) for number, part in enumerate(parts, start=1)]
+
+    def _fail(self, path: str, stage: str, reason: str, detail: str) -> beam.pvalue.TaggedOutput:
+        self.counters["failure"].inc()
+        self.progress.add(reason)
+        return failure(path, stage, reason, detail)
+
+    def teardown(self) -> None:
+        self.store.close()
