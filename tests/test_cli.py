@@ -74,3 +74,9 @@ def test_console_script_runs_the_same_pipeline(tmp_path: Path) -> None:
     script = Path(sys.executable).parent / "dicom-etl"
     result = subprocess.run([str(script), "import_dicom"], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2 and "--input: required" in result.stderr
+
+
+def test_console_script_runs_the_export_too(tmp_path: Path) -> None:
+    script = Path(sys.executable).parent / "dicom-etl"
+    result = subprocess.run([str(script), "export_dicom"], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2 and "--store: required" in result.stderr

@@ -284,7 +284,7 @@ def _voi(values: np.ndarray, ds: Dataset) -> tuple[np.ndarray, tuple[float, floa
         except (ValueError, TypeError, IndexError):  # a zero width or an odd value: show the range
             pass
     finite = values[np.isfinite(values)]
-    return values, (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    return values, ((float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0))
 
 
 def _scale(values: np.ndarray, low: float, high: float) -> np.ndarray:
