@@ -86,11 +86,17 @@ class FileLayoutStore(Store):
     def copy_instance(self, ref: InstanceRef, destination: str) -> int:
         """A server-side copy when both ends are in GCS: no bytes pass through the worker."""
         source = self.instance_uri(ref)
+        if is_gcs(source) and is_gcs(destination):  # the rewrite itself says when there is no source
+            try:
+                copy(source, destination)
+            except google_errors.NotFound:
+                raise FileNotFoundError(source) from None
+            return 0
         size = size_of(source)
         if size is None:
             raise FileNotFoundError(source)
         copy(source, destination)
-        return 0 if is_gcs(source) and is_gcs(destination) else size
+        return size
 
     def metadata(self, ref: InstanceRef) -> dict[str, Any]:
         """Parsed from the file's header only: Pixel Data is never read."""
