@@ -24,6 +24,7 @@ from apache_beam.options.pipeline_options import (
 )
 
 from transforms import NAMESPACE
+from transforms.filters import FilterError, read_filter
 from transforms.store import HEALTHCARE_STORE, store_kind
 
 LOCAL_RUNNERS = {None, "DirectRunner", "direct", "directrunner"}
@@ -90,6 +91,20 @@ def check_store(option: str, location: str | None) -> str:
             raise OptionError(option, f"{location!r} is not a DICOMweb service root URL")
         return location.rstrip("/")
     return check_local_or_gcs(option, location)
+
+
+def check_filter_file(uri: str) -> str:
+    """Read a filter file once on the launcher: a malformed line must stop the run before it starts."""
+    uri = check_local_or_gcs("filter_file", uri)
+    try:
+        targets = read_filter(uri)
+    except FilterError as error:
+        raise OptionError("filter_file", str(error)) from None
+    except OSError as error:
+        raise OptionError("filter_file", f"cannot read {uri}: {error.strerror or error}") from None
+    if not targets:
+        raise OptionError("filter_file", f"{uri} names no study, series or instance")
+    return uri
 
 
 def dead_letter_location(options: PipelineOptions, given: str | None) -> str:

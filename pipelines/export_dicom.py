@@ -19,6 +19,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from pipelines.common import (
     OptionError,
     SharedOptions,
+    check_filter_file,
     check_local_or_gcs,
     check_store,
     dead_letter_location,
@@ -28,15 +29,8 @@ from pipelines.common import (
 )
 from transforms.convert import TRANSFER_SYNTAXES
 from transforms.dead_letter import DEAD_LETTER, WriteDeadLetters
-from transforms.export import (
-    FILE_TYPES,
-    ExportInstances,
-    ListInstances,
-    ListStudies,
-    ParseFilterLine,
-    merge_study,
-)
-from transforms.filters import FilterError, read_filter
+from transforms.export import FILE_TYPES, ExportInstances
+from transforms.select import ListInstances, SelectTargets
 
 
 class ExportDicomOptions(PipelineOptions):
@@ -71,42 +65,15 @@ def parse(argv: Sequence[str]) -> PipelineOptions:
             known = ", ".join(f"{uid} ({name})" for uid, name in TRANSFER_SYNTAXES.items())
             raise OptionError("transfer_syntax", f"{mine.transfer_syntax!r} is not one of {known}")
     if shared.filter_file:
-        shared.filter_file = check_local_or_gcs("filter_file", shared.filter_file)
-        _check_filter(shared.filter_file)
+        shared.filter_file = check_filter_file(shared.filter_file)
     shared.dead_letter = dead_letter_location(options, shared.dead_letter)
     return options
-
-
-def _check_filter(uri: str) -> None:
-    """Read the filter file once on the launcher: a malformed line must stop the run before it starts."""
-    try:
-        targets = read_filter(uri)
-    except FilterError as error:
-        raise OptionError("filter_file", str(error)) from None
-    except OSError as error:
-        raise OptionError("filter_file", f"cannot read {uri}: {error.strerror or error}") from None
-    if not targets:
-        raise OptionError("filter_file", f"{uri} names no study, series or instance")
 
 
 def build(pipeline: beam.Pipeline, options: PipelineOptions) -> None:
     """Construct the export; no listing or other I/O happens here."""
     mine, shared = options.view_as(ExportDicomOptions), options.view_as(SharedOptions)
-    if shared.filter_file:
-        targets = (
-            pipeline
-            | "ReadFilter" >> beam.io.ReadFromText(shared.filter_file)
-            | "ParseFilter" >> beam.ParDo(ParseFilterLine())
-            | "ByStudy" >> beam.GroupByKey()
-            | "Merge" >> beam.FlatMap(merge_study)
-        )
-    else:
-        targets = (
-            pipeline
-            | "Start" >> beam.Create([None])
-            | "ListStudies" >> beam.ParDo(ListStudies(shared.store))
-            | "SpreadStudies" >> beam.Reshuffle()
-        )
+    targets = pipeline | "Select" >> SelectTargets(shared.store, shared.filter_file)
     selected = targets | "ListInstances" >> beam.ParDo(ListInstances(shared.store)).with_outputs(
         DEAD_LETTER, main="instances"
     )

@@ -1,0 +1,123 @@
+"""Select a store's instances: all of them, or what a filter file's lines (or targets) name.
+
+Selection never scans more than it must: without a filter, studies are listed and then the
+instances of each study; with one, only the studies and series its lines name are listed (a
+directory prefix of the file-layout store, a QIDO-RS query of a DICOMweb store), and instance
+lines are taken as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+
+from transforms import NAMESPACE
+from transforms.dead_letter import failure
+from transforms.filters import Target, merge, parse_line
+from transforms.store import InstanceRef, open_store
+
+
+class ParseFilterLine(beam.DoFn):
+    """A filter file's line -> (study, Target); the file was checked line by line on the launcher."""
+
+    def process(self, line: str) -> Iterator[tuple[str, Target]]:
+        if line.strip():
+            target = parse_line(line)
+            yield target.study, target
+
+
+def merge_study(element: tuple[str, Iterable[Target]]) -> Iterator[Target]:
+    """One study's targets without overlaps: every target is inside its study, so merging per
+    study (after a GroupByKey) merges the whole file."""
+    yield from merge(element[1])
+
+
+class ListStudies(beam.DoFn):
+    """Anything -> a Target for every study in the store (the unfiltered export)."""
+
+    def __init__(self, store_location: str) -> None:
+        self.store_location = store_location
+
+    def setup(self) -> None:
+        self.store = open_store(self.store_location)
+
+    def process(self, _: Any) -> Iterator[Target]:
+        before = self.store.listed
+        for study in self.store.studies():
+            yield Target(study)
+        Metrics.counter(NAMESPACE, "objects_listed").inc(self.store.listed - before)
+
+    def teardown(self) -> None:
+        self.store.close()
+
+
+class ListInstances(beam.DoFn):
+    """Target -> the InstanceRefs it covers; a study or series with none is a `no_match` failure."""
+
+    def __init__(self, store_location: str) -> None:
+        self.store_location = store_location
+        self.selected = Metrics.counter(NAMESPACE, "selected")
+        self.unmatched = Metrics.counter(NAMESPACE, "unmatched_targets")
+        self.listed = Metrics.counter(NAMESPACE, "objects_listed")
+
+    def setup(self) -> None:
+        self.store = open_store(self.store_location)
+
+    def process(self, target: Target) -> Iterator[InstanceRef | beam.pvalue.TaggedOutput]:
+        if target.sop is not None and target.series is not None:
+            self.selected.inc()
+            yield InstanceRef(target.study, target.series, target.sop)
+            return
+        found, before = 0, self.store.listed
+        for ref in self.store.instances(target.study, target.series):
+            found += 1
+            yield ref
+        self.selected.inc(found)
+        self.listed.inc(self.store.listed - before)
+        if not found:
+            self.unmatched.inc()
+            path = f"/studies/{target.study}" + (f"/series/{target.series}" if target.series else "")
+            yield failure(path, "select", "no_match", f"no instance in {self.store_location}")
+
+    def teardown(self) -> None:
+        self.store.close()
+
+
+class SelectTargets(beam.PTransform):
+    """The Targets of a run: a filter file's lines (or `targets`, the same lines given as options)
+    merged study by study, or, with neither, every study of the store.
+
+    The filter file was checked line by line on the launcher; here it is read again inside the
+    pipeline, so that a file of millions of lines never travels in the job's graph.
+    """
+
+    def __init__(
+        self, store_location: str, filter_file: str | None = None, targets: Iterable[str] = ()
+    ) -> None:
+        super().__init__()
+        self.store_location = store_location
+        self.filter_file = filter_file
+        self.targets = list(targets)
+
+    def expand(self, begin: beam.pvalue.PBegin) -> beam.PCollection[Target]:
+        if self.filter_file or self.targets:
+            lines = (
+                begin | "ReadFilter" >> beam.io.ReadFromText(self.filter_file)
+                if self.filter_file
+                else begin | "Targets" >> beam.Create(self.targets)
+            )
+            return (
+                lines
+                | "ParseLines" >> beam.ParDo(ParseFilterLine())
+                | "ByStudy" >> beam.GroupByKey()
+                | "Merge" >> beam.FlatMap(merge_study)
+            )
+        return (
+            begin
+            | "Start" >> beam.Create([None])
+            | "ListStudies" >> beam.ParDo(ListStudies(self.store_location))
+            | "SpreadStudies" >> beam.Reshuffle()
+        )
