@@ -17,11 +17,15 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install --quiet --editable '.[test]'
 	touch $@
 
-# Import the bundled sample into ./store on the DirectRunner and show what landed there.
+# Import the bundled sample into ./store on the DirectRunner, one metadata row per stored instance
+# into the Parquet table ./metadata, and show what landed there.
 quickstart: $(VENV)/.installed
-	$(BIN)/dicom-etl import_dicom --input='sample/**.dcm' --store=./store
+	$(BIN)/dicom-etl import_dicom --input='sample/**.dcm' --store=./store --metadata_destination=./metadata
 	@echo "./store now holds $$(find store -name '*.dcm' | wc -l) instances, e.g.:"
 	@find store -name '*.dcm' | sort | head -3
+	@echo "./metadata (Parquet, schema.json, view.sql), its view through DuckDB:"
+	@cd metadata && ../$(BIN)/python -c "import duckdb; duckdb.sql('SELECT Modality, count(*) AS instances, \
+	  count(DISTINCT StudyInstanceUID) AS studies FROM (' + open('view.sql').read() + ') GROUP BY 1 ORDER BY 1').show()"
 
 # Debian packages the tests use as independent oracles and servers (root installs them).
 system-packages:

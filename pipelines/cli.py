@@ -5,10 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-PIPELINES = (
-    "import_dicom",
-    "export_dicom",
-)
+PIPELINES = ("import_dicom", "export_dicom", "export_metadata", "delete_dicom")
 
 
 def main() -> int:

@@ -25,9 +25,48 @@ from apache_beam.options.pipeline_options import (
 
 from transforms import NAMESPACE
 from transforms.filters import FilterError, read_filter
+from transforms.metadata_sink import BIGQUERY_TABLE, MAX_DESTINATIONS
 from transforms.store import HEALTHCARE_STORE, store_kind
 
 LOCAL_RUNNERS = {None, "DirectRunner", "direct", "directrunner"}
+KNOWN_VRS = frozenset(
+    [
+        "AE",
+        "AS",
+        "AT",
+        "CS",
+        "DA",
+        "DS",
+        "DT",
+        "FD",
+        "FL",
+        "IS",
+        "LO",
+        "LT",
+        "OB",
+        "OD",
+        "OF",
+        "OL",
+        "OV",
+        "OW",
+        "PN",
+        "SH",
+        "SL",
+        "SQ",
+        "SS",
+        "ST",
+        "SV",
+        "TM",
+        "UC",
+        "UI",
+        "UL",
+        "UN",
+        "UR",
+        "US",
+        "UT",
+        "UV",
+    ]
+)
 
 
 class SharedOptions(PipelineOptions):
@@ -48,6 +87,23 @@ class SharedOptions(PipelineOptions):
         parser.add_argument(
             "--dead_letter",
             help="Directory (local or gs://) for failed items as JSON lines; default ./dead_letter.",
+        )
+        parser.add_argument(
+            "--metadata_destination",
+            action="append",
+            help="import and delete: up to 5 metadata tables (bq://project.dataset.table, or a local "
+            "or gs:// directory of Parquet files) that get one row per stored or deleted instance.",
+        )
+        parser.add_argument(
+            "--max_columns",
+            type=int,
+            default=10_000,
+            help="Metadata tables: the most columns a table may have, nested fields counted.",
+        )
+        parser.add_argument(
+            "--exclude_vr",
+            action="append",
+            help="Metadata tables: VRs left out of rows, besides OB OD OF OL OV OW UN (repeatable).",
         )
 
 
@@ -105,6 +161,34 @@ def check_filter_file(uri: str) -> str:
     if not targets:
         raise OptionError("filter_file", f"{uri} names no study, series or instance")
     return uri
+
+
+def check_destinations(option: str, values: Sequence[str] | None) -> list[str]:
+    """Up to five metadata destinations: bq://project.dataset.table, or local or gs:// directories."""
+    destinations = []
+    for text in repeated(values):
+        if text.startswith("bq://"):
+            if not BIGQUERY_TABLE.fullmatch(text):
+                raise OptionError(option, f"{text!r} is not bq://project.dataset.table")
+            destinations.append(text)
+        else:
+            destinations.append(check_local_or_gcs(option, text))
+    if len(destinations) > MAX_DESTINATIONS:
+        raise OptionError(option, f"{len(destinations)} destinations; at most {MAX_DESTINATIONS}")
+    if len(set(destinations)) != len(destinations):
+        raise OptionError(option, "a destination is given twice")
+    return destinations
+
+
+def check_metadata_options(options: PipelineOptions) -> None:
+    """--max_columns and --exclude_vr, used wherever rows are written."""
+    shared = options.view_as(SharedOptions)
+    if shared.max_columns < 1:
+        raise OptionError("max_columns", "must be a positive number")
+    shared.exclude_vr = [vr.upper() for vr in repeated(shared.exclude_vr)]
+    unknown = [vr for vr in shared.exclude_vr if vr not in KNOWN_VRS]
+    if unknown:
+        raise OptionError("exclude_vr", f"{', '.join(unknown)} is not a DICOM VR")
 
 
 def dead_letter_location(options: PipelineOptions, given: str | None) -> str:

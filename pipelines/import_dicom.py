@@ -20,6 +20,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from pipelines.common import (
     OptionError,
     SharedOptions,
+    check_destinations,
+    check_metadata_options,
     check_store,
     dead_letter_location,
     execute,
@@ -29,6 +31,8 @@ from pipelines.common import (
 )
 from transforms.dead_letter import DEAD_LETTER, WriteDeadLetters
 from transforms.expand import ExpandPatterns
+from transforms.metadata_rows import StoredRows
+from transforms.metadata_sink import WriteMetadata
 from transforms.store import STORAGE_CLASSES, store_kind
 from transforms.store_instances import ParseInstances, WriteInstances
 from transforms.wildcard import Pattern, PatternError, parse_pattern
@@ -69,6 +73,8 @@ def parse(argv: Sequence[str]) -> PipelineOptions:
             raise OptionError("storage_class", f"must be one of {', '.join(STORAGE_CLASSES)}")
         if store_kind(shared.store) == "files":
             raise OptionError("storage_class", "applies to DICOMweb and Cloud Healthcare API stores only")
+    shared.metadata_destination = check_destinations("metadata_destination", shared.metadata_destination)
+    check_metadata_options(options)
     shared.dead_letter = dead_letter_location(options, shared.dead_letter)
     return options
 
@@ -104,10 +110,20 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions) -> None:
             DEAD_LETTER, main="stored"
         )
     )
-    (
-        (expanded[DEAD_LETTER], parsed[DEAD_LETTER], stored[DEAD_LETTER])
+    failures = [expanded[DEAD_LETTER], parsed[DEAD_LETTER], stored[DEAD_LETTER]]
+    name = run_name("import_dicom")
+    if shared.metadata_destination:  # one CREATE row per newly stored instance, as streaming does
+        rows = stored.stored | "Rows" >> beam.ParDo(
+            StoredRows(shared.exclude_vr, mine.storage_class)
+        ).with_outputs(DEAD_LETTER, main="rows")
+        failures.append(rows[DEAD_LETTER])
+        _ = rows.rows | "WriteRows" >> WriteMetadata(
+            shared.metadata_destination, "WRITE_APPEND", shared.max_columns, name
+        )
+    _ = (
+        failures
         | "AllFailures" >> beam.Flatten()
-        | "DeadLetter" >> WriteDeadLetters(shared.dead_letter, run_name("import_dicom"))
+        | "DeadLetter" >> WriteDeadLetters(shared.dead_letter, name)
     )
 
 
@@ -118,6 +134,7 @@ def summarize(counts: dict[str, int]) -> tuple[dict[str, object], bool]:
     summary["failure_reasons"] = failure_reasons(counts)
     summary["bytes_read"] = counts.get("bytes_read", 0)
     summary["bytes_stored"] = counts.get("bytes_stored", 0)
+    summary["metadata_rows"] = counts.get("metadata_rows", 0)
     return summary, bool(summary["failure"] or summary["unmatched_patterns"])
 
 

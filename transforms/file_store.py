@@ -7,6 +7,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from google.api_core import exceptions as google_errors
+from pydicom.dataset import Dataset
 
 from transforms.dicom_header import read_header
 from transforms.objects import (
@@ -99,13 +100,16 @@ class FileLayoutStore(Store):
         return size
 
     def metadata(self, ref: InstanceRef) -> dict[str, Any]:
-        """Parsed from the file's header only: Pixel Data is never read."""
+        return self.dataset(ref).to_json_dict()
+
+    def dataset(self, ref: InstanceRef) -> Dataset:
+        """Parsed from the file's header only (file meta included): Pixel Data is never read."""
         uri = self.instance_uri(ref)
         size = size_of(uri)
         if size is None:
             raise FileNotFoundError(uri)
         with open_ranged(MatchedFile(uri, size)) as stream:
-            return read_header(stream, size).dataset.to_json_dict()
+            return read_header(stream, size).dataset
 
     def delete(self, study: str, series: str | None = None, sop: str | None = None) -> None:
         if sop is not None and series is not None:

@@ -79,8 +79,7 @@ class ListInstances(beam.DoFn):
         self.listed.inc(self.store.listed - before)
         if not found:
             self.unmatched.inc()
-            path = f"/studies/{target.study}" + (f"/series/{target.series}" if target.series else "")
-            yield failure(path, "select", "no_match", f"no instance in {self.store_location}")
+            yield failure(_path(target), "select", "no_match", f"no instance in {self.store_location}")
 
     def teardown(self) -> None:
         self.store.close()
@@ -121,3 +120,45 @@ class SelectTargets(beam.PTransform):
             | "ListStudies" >> beam.ParDo(ListStudies(self.store_location))
             | "SpreadStudies" >> beam.Reshuffle()
         )
+
+
+class DeleteTargets(beam.DoFn):
+    """Target -> the InstanceRefs it deleted: a study or series in one request, after listing what
+    it holds (for the DELETE rows); a target with nothing in the store is a `no_match` failure."""
+
+    def __init__(self, store_location: str) -> None:
+        self.store_location = store_location
+        self.selected = Metrics.counter(NAMESPACE, "selected")
+        self.success = Metrics.counter(NAMESPACE, "success")
+        self.failures = Metrics.counter(NAMESPACE, "failure")
+        self.unmatched = Metrics.counter(NAMESPACE, "unmatched_targets")
+
+    def setup(self) -> None:
+        self.store = open_store(self.store_location)
+
+    def process(self, target: Target) -> Iterator[InstanceRef | beam.pvalue.TaggedOutput]:
+        refs = [ref for ref in self.store.instances(target.study, target.series) if target.covers(ref)]
+        if not refs:
+            self.unmatched.inc()
+            yield failure(_path(target), "select", "no_match", f"no instance in {self.store_location}")
+            return
+        self.selected.inc(len(refs))
+        try:
+            self.store.delete(target.study, target.series, target.sop)
+        except OSError as error:
+            self.failures.inc(len(refs))
+            for ref in refs:
+                yield failure(ref.path(), "delete", "delete_error", f"{type(error).__name__}: {error}")
+            return
+        self.success.inc(len(refs))
+        yield from refs
+
+    def teardown(self) -> None:
+        self.store.close()
+
+
+def _path(target: Target) -> str:
+    """A target as its filter line."""
+    path = f"/studies/{target.study}"
+    path += f"/series/{target.series}" if target.series else ""
+    return path + (f"/instances/{target.sop}" if target.sop else "")

@@ -15,6 +15,8 @@ import re
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
+from pydicom.dataset import Dataset
+
 from transforms.objects import MatchedFile, write_bytes
 
 HEALTHCARE_STORE = re.compile(r"projects/[^/]+/locations/[^/]+/datasets/[^/]+/dicomStores/[^/]+")
@@ -82,6 +84,10 @@ class Store(abc.ABC):
     def read(self, ref: InstanceRef) -> bytes:
         """The instance as a DICOM Part 10 file, in its stored transfer syntax; FileNotFoundError
         if the store does not hold it."""
+
+    def dataset(self, ref: InstanceRef) -> Dataset:
+        """The instance's attributes as a pydicom Dataset without Pixel Data, for flattening."""
+        return Dataset.from_json(self.metadata(ref), bulk_data_uri_handler=lambda *_: b"")
 
     def copy_instance(self, ref: InstanceRef, destination: str) -> int:
         """Write the instance, unchanged, to a local or gs:// file; the bytes that passed through

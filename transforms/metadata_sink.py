@@ -1,0 +1,343 @@
+"""Write metadata rows to up to five destinations: Parquet tables (local or gs://) and BigQuery.
+
+Every destination gets the same rows under the same rules: the table's schema only widens (the
+existing schema merged with this run's columns, as far as `--max_columns` allows), columns past the
+limit go to DroppedTags, and the view of the store's current state is written next to the table
+(`view.sql` run by DuckDB, or the BigQuery view `{table}_view`). The BigQuery path is kept thin over
+the same schema and rows as the Parquet path, which the tests cover end to end.
+"""
+
+from __future__ import annotations
+
+import datetime
+import io
+import json
+import re
+import uuid
+from collections.abc import Iterable, Iterator
+from typing import Any, NamedTuple
+
+import apache_beam as beam
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.metrics import Metrics
+from apache_beam.transforms.window import GlobalWindows
+from schemas.bigquery import (
+    EVENT_FIELDS,
+    SchemaConflict,
+    allowed_schema,
+    merge,
+    restrict,
+    to_arrow,
+    to_bigquery,
+)
+
+from transforms import NAMESPACE
+from transforms.flatten import Flat
+from transforms.objects import Lister, delete_tree, is_gcs, join, read_bytes, split_gcs, write_bytes
+
+BIGQUERY_TABLE = re.compile(r"bq://([a-z0-9-:.]+)\.([A-Za-z0-9_]+)\.([A-Za-z0-9_$-]+)")
+WRITE_DISPOSITIONS = ("WRITE_EMPTY", "WRITE_TRUNCATE", "WRITE_APPEND")
+MAX_DESTINATIONS = 5
+ROWS_PER_FILE = 5000
+UIDS = "StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID"
+PARQUET_VIEW = f"""SELECT * EXCLUDE (row_rank) FROM (
+  SELECT *, row_number() OVER (
+    PARTITION BY {UIDS} ORDER BY LastUpdated DESC NULLS LAST) AS row_rank
+  FROM read_parquet('*.parquet', union_by_name = true))
+WHERE row_rank = 1 AND (Type IS NULL OR Type <> 'DELETE')
+"""
+BIGQUERY_VIEW = """SELECT * EXCEPT (row_rank) FROM (
+  SELECT *, ROW_NUMBER() OVER (
+    PARTITION BY {uids} ORDER BY LastUpdated DESC) AS row_rank
+  FROM `{table}`)
+WHERE row_rank = 1 AND IFNULL(Type, '') != 'DELETE'
+"""
+
+
+class DestinationRefused(RuntimeError):
+    """The destination cannot take this run's rows (not empty under WRITE_EMPTY, a column retyped)."""
+
+
+class Destination(NamedTuple):
+    location: str  # bq://project.dataset.table, a local directory or gs:// prefix
+
+    @property
+    def is_bigquery(self) -> bool:
+        return self.location.startswith("bq://")
+
+    @property
+    def table(self) -> str:
+        """project.dataset.table, for a BigQuery destination."""
+        return self.location[len("bq://") :]
+
+
+def with_event(
+    flat: Flat,
+    event: str,
+    when: datetime.datetime,
+    storage_class: str | None = None,
+    size: int | None = None,
+) -> Flat:
+    """A row stamped with its event: Type CREATE or DELETE, LastUpdated (UTC), and what the store
+    knows of the instance (StorageClass, BlobStorageSize)."""
+    row = dict(flat.row, Type=event, LastUpdated=when)
+    if storage_class is not None:
+        row["StorageClass"] = storage_class
+    if size is not None:
+        row["BlobStorageSize"] = size
+    return Flat(row=row, schema=merge(EVENT_FIELDS, flat.schema))
+
+
+def delete_row(study: str, series: str, sop: str, when: datetime.datetime) -> Flat:
+    """The row a deletion writes: the instance's UIDs, Type DELETE and when."""
+    uid_field = {"type": "STRING", "mode": "NULLABLE"}
+    row = {"StudyInstanceUID": study, "SeriesInstanceUID": series, "SOPInstanceUID": sop}
+    schema = [{"name": name, **uid_field} for name in row]
+    return with_event(Flat(row=row, schema=schema), "DELETE", when)
+
+
+class WriteMetadata(beam.PTransform):
+    """Flat rows -> every destination; counts rows written and drops only the logger could record."""
+
+    def __init__(
+        self, destinations: Iterable[str], write_disposition: str, max_columns: int, run_name: str
+    ) -> None:
+        super().__init__()
+        self.destinations = [Destination(text) for text in destinations]
+        self.write_disposition = write_disposition
+        self.max_columns = max_columns
+        self.run_name = run_name
+
+    def expand(self, flats: beam.PCollection[Flat]) -> beam.pvalue.PDone:
+        candidate = (
+            flats
+            | "Schemas" >> beam.Map(lambda flat: flat.schema)
+            | "MergeSchemas" >> beam.CombineGlobally(MergeSchemas())
+        )
+        for number, destination in enumerate(self.destinations, start=1):
+            label = f"Destination{number}"
+            schema = candidate | f"{label}Schema" >> beam.Map(
+                table_schema, destination, self.write_disposition, self.max_columns
+            )
+            rows = flats | f"{label}Restrict" >> beam.ParDo(Restrict(), beam.pvalue.AsSingleton(schema))
+            if destination.is_bigquery:
+                _write_bigquery(rows, schema, destination, self.write_disposition, label)
+            else:
+                files = rows | f"{label}Parquet" >> beam.ParDo(
+                    WriteParquet(destination.location, self.run_name), beam.pvalue.AsSingleton(schema)
+                )
+                (
+                    files
+                    | f"{label}Files" >> beam.combiners.ToList()
+                    | f"{label}Finish"
+                    >> beam.Map(
+                        finish_parquet,
+                        destination.location,
+                        self.write_disposition,
+                        beam.pvalue.AsSingleton(schema),
+                    )
+                )
+        return beam.pvalue.PDone(flats.pipeline)
+
+
+class MergeSchemas(beam.CombineFn):
+    """Every row's schema merged into this run's columns (widening only)."""
+
+    def create_accumulator(self) -> list[dict]:
+        return []
+
+    def add_input(self, accumulator: list[dict], schema: list[dict]) -> list[dict]:
+        return _merge(accumulator, schema)
+
+    def merge_accumulators(self, accumulators: Iterable[list[dict]]) -> list[dict]:
+        merged: list[dict] = []
+        for accumulator in accumulators:
+            merged = _merge(merged, accumulator)
+        return merged
+
+    def extract_output(self, accumulator: list[dict]) -> list[dict]:
+        return accumulator
+
+
+def _merge(existing: list[dict], new: list[dict]) -> list[dict]:
+    try:
+        return merge(existing, new)
+    except SchemaConflict as error:
+        raise DestinationRefused(f"rows of this run disagree on a column: {error}") from None
+
+
+def table_schema(
+    candidate: list[dict], destination: Destination, write_disposition: str, max_columns: int
+) -> list[dict]:
+    """The destination's schema after this run: its existing columns (none when truncating) widened
+    by this run's, within `max_columns`. Refuses a non-empty destination under WRITE_EMPTY."""
+    existing = _existing_schema(destination)
+    if write_disposition == "WRITE_EMPTY" and existing is not None and _has_rows(destination):
+        raise DestinationRefused(f"{destination.location} is not empty (--write_disposition=WRITE_EMPTY)")
+    if existing is None or write_disposition == "WRITE_TRUNCATE":
+        existing = []
+    try:
+        return allowed_schema(existing, merge(EVENT_FIELDS, candidate), max_columns)
+    except SchemaConflict as error:
+        raise DestinationRefused(f"{destination.location}: {error}") from None
+
+
+def _existing_schema(destination: Destination) -> list[dict] | None:
+    if destination.is_bigquery:
+        from google.api_core.exceptions import NotFound
+
+        try:
+            table = _bigquery_client().get_table(destination.table)
+        except NotFound:
+            return None
+        return [field.to_api_repr() for field in table.schema]
+    try:
+        return json.loads(read_bytes(join(destination.location, "schema.json")))
+    except FileNotFoundError:
+        return None
+
+
+def _has_rows(destination: Destination) -> bool:
+    if destination.is_bigquery:
+        return bool(_bigquery_client().get_table(destination.table).num_rows)
+    return bool(_parquet_files(destination.location))
+
+
+def _parquet_files(directory: str) -> list[str]:
+    if is_gcs(directory):
+        bucket, name = split_gcs(directory.rstrip("/") + "/")
+        files, _ = Lister(bucket).children(name)
+        return [f"gs://{bucket}/{file.uri}" for file in files if file.uri.endswith(".parquet")]
+    files, _ = Lister(None).children(directory.rstrip("/") + "/")
+    return [file.uri for file in files if file.uri.endswith(".parquet")]
+
+
+class Restrict(beam.DoFn):
+    """A row cut to its destination's schema; drops that not even DroppedTags can hold are counted."""
+
+    def __init__(self) -> None:
+        self.rows = Metrics.counter(NAMESPACE, "metadata_rows")
+        self.unrecorded = Metrics.counter(NAMESPACE, "dicom_stream_warnings")
+
+    def process(self, flat: Flat, schema: list[dict]) -> Iterator[dict[str, Any]]:
+        cut, unrecorded = restrict(flat, schema)
+        self.unrecorded.inc(unrecorded)
+        self.rows.inc()
+        yield cut.row
+
+
+class WriteParquet(beam.DoFn):
+    """Rows -> Parquet files of at most ROWS_PER_FILE rows, named for the run; yields their paths."""
+
+    def __init__(self, directory: str, run_name: str) -> None:
+        self.directory = directory
+        self.run_name = run_name
+
+    def start_bundle(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+
+    def process(self, row: dict[str, Any], schema: list[dict]) -> Iterator[str]:
+        self.schema = schema
+        self.rows.append(row)
+        if len(self.rows) >= ROWS_PER_FILE:
+            yield self._write()
+
+    def finish_bundle(self) -> Iterator[Any]:
+        if self.rows:
+            yield GlobalWindows.windowed_value(self._write())
+
+    def _write(self) -> str:
+        table = pa.Table.from_pylist(self.rows, schema=to_arrow(self.schema))
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer)
+        path = join(self.directory, f"{self.run_name}-{uuid.uuid4().hex[:12]}.parquet")
+        write_bytes(path, buffer.getvalue())
+        self.rows = []
+        return path
+
+
+def finish_parquet(written: list[str], directory: str, write_disposition: str, schema: list[dict]) -> None:
+    """After the files: schema.json and view.sql; under WRITE_TRUNCATE, the older files removed."""
+    if write_disposition == "WRITE_TRUNCATE":
+        for path in set(_parquet_files(directory)) - set(written):
+            delete_tree(path)
+    write_bytes(join(directory, "schema.json"), json.dumps(schema, indent=1).encode())
+    write_bytes(join(directory, "view.sql"), PARQUET_VIEW.encode())
+
+
+def _write_bigquery(
+    rows: beam.PCollection[dict],
+    schema: beam.PCollection[list[dict]],
+    destination: Destination,
+    disposition: str,
+    label: str,
+) -> None:
+    """File loads with the computed schema; the table may widen; then the view, created or replaced."""
+    from apache_beam.io.gcp.bigquery import BigQueryDisposition, WriteToBigQuery
+
+    loaded = (
+        rows
+        | f"{label}Json" >> beam.Map(json_row)
+        | f"{label}Load"
+        >> WriteToBigQuery(
+            destination.table.replace(".", ":", 1),
+            schema=lambda _, table_schema: {"fields": table_schema},
+            schema_side_inputs=(beam.pvalue.AsSingleton(schema),),
+            method=WriteToBigQuery.Method.FILE_LOADS,
+            create_disposition=BigQueryDisposition.CREATE_IF_NEEDED,
+            write_disposition=disposition,
+            additional_bq_parameters={"schemaUpdateOptions": ["ALLOW_FIELD_ADDITION"]},
+        )
+    )
+    (
+        loaded.destination_load_jobid_pairs
+        | f"{label}Loaded" >> beam.combiners.Count.Globally()
+        | f"{label}View" >> beam.Map(lambda _, table: create_view(table), destination.table)
+    )
+
+
+def create_view(table: str) -> None:
+    """`{table}_view`, created or replaced (after a load that widened the table, too)."""
+    from google.cloud import bigquery
+
+    view = bigquery.Table(f"{table}_view")
+    view.view_query = BIGQUERY_VIEW.format(uids=UIDS, table=table)
+    client = _bigquery_client()
+    client.delete_table(view, not_found_ok=True)
+    client.create_table(view)
+
+
+def load_job_config(schema: list[dict], write_disposition: str) -> Any:
+    """The load configuration WriteToBigQuery's file loads amount to, built offline for checks."""
+    from google.cloud import bigquery
+
+    return bigquery.LoadJobConfig(
+        schema=to_bigquery(schema),
+        source_format=bigquery.SourceFormat.NEWLINE_DELIMITED_JSON,
+        schema_update_options=[bigquery.SchemaUpdateOption.ALLOW_FIELD_ADDITION],
+        write_disposition=write_disposition,
+    )
+
+
+def json_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A row as BigQuery's JSON loads take it: dates, times and timestamps as strings."""
+    return {key: _json_value(value) for key, value in row.items()}
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, dict):
+        return json_row(value)
+    if isinstance(value, list):
+        return [_json_value(item) for item in value]
+    if isinstance(value, datetime.datetime):
+        return value.astimezone(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S.%f UTC")
+    if isinstance(value, datetime.date | datetime.time):
+        return value.isoformat()
+    return value
+
+
+def _bigquery_client() -> Any:
+    from google.cloud import bigquery
+
+    return bigquery.Client()
