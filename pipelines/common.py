@@ -163,8 +163,11 @@ def check_filter_file(uri: str) -> str:
     return uri
 
 
-def check_destinations(option: str, values: Sequence[str] | None) -> list[str]:
-    """Up to five metadata destinations: bq://project.dataset.table, or local or gs:// directories."""
+def check_destinations(option: str, values: Sequence[str] | None, options: PipelineOptions) -> list[str]:
+    """Up to five metadata destinations: bq://project.dataset.table, or local or gs:// directories.
+
+    BigQuery file loads stage their files in GCS: a bq:// destination needs a gs:// --temp_location.
+    """
     destinations = []
     for text in repeated(values):
         if text.startswith("bq://"):
@@ -177,6 +180,9 @@ def check_destinations(option: str, values: Sequence[str] | None) -> list[str]:
         raise OptionError(option, f"{len(destinations)} destinations; at most {MAX_DESTINATIONS}")
     if len(set(destinations)) != len(destinations):
         raise OptionError(option, "a destination is given twice")
+    temp = options.view_as(GoogleCloudOptions).temp_location or ""
+    if any(d.startswith("bq://") for d in destinations) and not temp.startswith("gs://"):
+        raise OptionError(option, "a bq:// destination needs --temp_location=gs://... for its load files")
     return destinations
 
 

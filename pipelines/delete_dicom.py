@@ -61,7 +61,9 @@ def parse(argv: Sequence[str]) -> PipelineOptions:
             raise OptionError("target", str(error).replace("filter file line 1: ", "")) from None
     if shared.filter_file:
         shared.filter_file = check_filter_file(shared.filter_file)
-    shared.metadata_destination = check_destinations("metadata_destination", shared.metadata_destination)
+    shared.metadata_destination = check_destinations(
+        "metadata_destination", shared.metadata_destination, options
+    )
     check_metadata_options(options)
     shared.dead_letter = dead_letter_location(options, shared.dead_letter)
     return options

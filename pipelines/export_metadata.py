@@ -54,7 +54,7 @@ def parse(argv: Sequence[str]) -> PipelineOptions:
     options = PipelineOptions(argv)
     mine, shared = options.view_as(ExportMetadataOptions), options.view_as(SharedOptions)
     shared.store = check_store("store", shared.store)
-    mine.destination = check_destinations("destination", mine.destination)
+    mine.destination = check_destinations("destination", mine.destination, options)
     if not mine.destination:
         raise OptionError("destination", "required: bq://project.dataset.table or a directory")
     mine.write_disposition = (mine.write_disposition or "").upper()

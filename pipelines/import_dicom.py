@@ -73,7 +73,9 @@ def parse(argv: Sequence[str]) -> PipelineOptions:
             raise OptionError("storage_class", f"must be one of {', '.join(STORAGE_CLASSES)}")
         if store_kind(shared.store) == "files":
             raise OptionError("storage_class", "applies to DICOMweb and Cloud Healthcare API stores only")
-    shared.metadata_destination = check_destinations("metadata_destination", shared.metadata_destination)
+    shared.metadata_destination = check_destinations(
+        "metadata_destination", shared.metadata_destination, options
+    )
     check_metadata_options(options)
     shared.dead_letter = dead_letter_location(options, shared.dead_letter)
     return options

@@ -67,7 +67,6 @@ _TYPE_ALIASES = {
     "FLOAT64": "FLOAT",
     "BOOL": "BOOLEAN",
     "STRUCT": RECORD,
-    "BIGNUMERIC": "BIGNUMERIC",
 }
 
 

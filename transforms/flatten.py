@@ -248,10 +248,6 @@ class _Invalid(Exception):
     pass
 
 
-def _strip(vr: str, s: str) -> str:
-    return s.rstrip(_PAD) if vr in _RSTRIP_ONLY else s.strip(_PAD)
-
-
 def _digits(s: str) -> bool:
     return s.isascii() and s.isdigit()
 
@@ -396,7 +392,6 @@ _CONVERT = {
     "TIMESTAMP": _parser(parse_datetime),
     "PN": _to_pn,
 }
-_KEEP_EMPTY = {"STRING": "", "PN": {}}  # what an empty value within a REPEATED column becomes
 
 
 def _column_value(values: list, vr: str, col_type: str, repeated: bool) -> Any:
@@ -404,14 +399,14 @@ def _column_value(values: list, vr: str, col_type: str, repeated: bool) -> Any:
     (or ValueError and the like) when the column cannot hold them. ``values`` is not empty."""
     convert = _CONVERT[col_type]
     if repeated:
-        empty = _KEEP_EMPTY.get(col_type)
         out = []
         for v in values:
-            if v == "":
-                if empty is not None:
-                    out.append(empty)
-            else:
+            if v != "":
                 out.append(convert(v, vr))
+            elif col_type == "STRING":  # an empty value keeps its place where the type allows
+                out.append("")
+            elif col_type == "PN":
+                out.append({})
         if col_type == "PN" and not any(out):
             return None  # only empty names, e.g. "^^^^"
         return out

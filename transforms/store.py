@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import re
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -86,8 +87,12 @@ class Store(abc.ABC):
         if the store does not hold it."""
 
     def dataset(self, ref: InstanceRef) -> Dataset:
-        """The instance's attributes as a pydicom Dataset without Pixel Data, for flattening."""
-        return Dataset.from_json(self.metadata(ref), bulk_data_uri_handler=lambda *_: b"")
+        """The instance's attributes as a pydicom Dataset without Pixel Data, for flattening; odd
+        values are kept as they are (flattening reports them), so pydicom's warnings are silenced."""
+        metadata = self.metadata(ref)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return Dataset.from_json(metadata, bulk_data_uri_handler=lambda *_: b"")
 
     def copy_instance(self, ref: InstanceRef, destination: str) -> int:
         """Write the instance, unchanged, to a local or gs:// file; the bytes that passed through
