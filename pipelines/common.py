@@ -1,7 +1,9 @@
 """What every pipeline shares: option checks, the runner, the summary line and exit codes.
 
 Exit codes (CONTRACT.md): 2 bad options, before any work; 1 the pipeline itself failed; 3 the run
-finished with failed items; 0 everything succeeded. The last stdout line is a JSON summary.
+finished with failed items; 0 everything succeeded. The last stdout line is a JSON summary: the
+counters of a local run, or the job's id and state when a distributed runner's job is submitted
+(Dataflow, a flex template launch): the launcher does not wait for the job.
 """
 
 from __future__ import annotations
@@ -240,6 +242,9 @@ def execute(
         pipeline = beam.Pipeline(runner=_runner(options), options=options)
         build(pipeline, options)
         result = pipeline.run()
+        if not is_local(options):  # a launch (Dataflow, a flex template): submitted, not awaited
+            print(json.dumps({"job_id": _job_id(result), "state": str(result.state)}))
+            return 0
         result.wait_until_finish()
     except Exception as error:  # the pipeline itself failed: store unreachable, destination refused
         print(f"error: the pipeline failed: {_last_line(error)}", file=sys.stderr)
@@ -247,6 +252,12 @@ def execute(
     summary, failed = summarize(counters(result))
     print(json.dumps(summary))
     return 3 if failed else 0
+
+
+def _job_id(result: beam.runners.runner.PipelineResult) -> str | None:
+    """The runner's job id, for runners that have one (Dataflow's result does)."""
+    job_id = getattr(result, "job_id", None)
+    return job_id() if callable(job_id) else job_id
 
 
 def failure_reasons(counts: dict[str, int]) -> dict[str, int]:
