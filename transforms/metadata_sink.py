@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
+
 from schemas.bigquery import (
     EVENT_FIELDS,
     SchemaConflict,
@@ -31,7 +32,6 @@ from schemas.bigquery import (
     to_arrow,
     to_bigquery,
 )
-
 from transforms import NAMESPACE
 from transforms.flatten import Flat
 from transforms.objects import Lister, delete_tree, is_gcs, join, read_bytes, split_gcs, write_bytes
