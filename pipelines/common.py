@@ -28,6 +28,7 @@ from apache_beam.options.pipeline_options import (
 from transforms import NAMESPACE
 from transforms.filters import FilterError, read_filter
 from transforms.metadata_sink import BIGQUERY_TABLE, MAX_DESTINATIONS
+from transforms.objects import is_gcs, split_gcs
 from transforms.store import HEALTHCARE_STORE, store_kind
 
 LOCAL_RUNNERS = {None, "DirectRunner", "direct", "directrunner"}
@@ -154,6 +155,8 @@ def check_store(option: str, location: str | None) -> str:
 def check_filter_file(uri: str) -> str:
     """Read a filter file once on the launcher: a malformed line must stop the run before it starts."""
     uri = check_local_or_gcs("filter_file", uri)
+    if is_gcs(uri) and not split_gcs(uri)[1]:
+        raise OptionError("filter_file", f"{uri!r} names a bucket, not a file")
     try:
         targets = read_filter(uri)
     except FilterError as error:
@@ -243,7 +246,7 @@ def execute(
         build(pipeline, options)
         result = pipeline.run()
         if not is_local(options):  # a launch (Dataflow, a flex template): submitted, not awaited
-            print(json.dumps({"job_id": _job_id(result), "state": str(result.state)}))
+            print(json.dumps(_launched(result, options)))
             return 0
         result.wait_until_finish()
     except Exception as error:  # the pipeline itself failed: store unreachable, destination refused
@@ -254,10 +257,14 @@ def execute(
     return 3 if failed else 0
 
 
-def _job_id(result: beam.runners.runner.PipelineResult) -> str | None:
-    """The runner's job id, for runners that have one (Dataflow's result does)."""
-    job_id = getattr(result, "job_id", None)
-    return job_id() if callable(job_id) else job_id
+def _launched(result: beam.runners.runner.PipelineResult, options: PipelineOptions) -> dict[str, object]:
+    """The job's id and state. A flex template launch (--template_location) only writes the job's
+    description there and Dataflow creates the job, so its result has no job: the job is queued."""
+    if getattr(result, "has_job", True):
+        job_id = getattr(result, "job_id", None)
+        return {"job_id": job_id() if callable(job_id) else job_id, "state": str(result.state)}
+    template = options.view_as(GoogleCloudOptions).template_location or ""
+    return {"job_id": None, "state": "JOB_STATE_QUEUED", "template_location": template}
 
 
 def failure_reasons(counts: dict[str, int]) -> dict[str, int]:

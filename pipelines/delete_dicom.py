@@ -46,6 +46,20 @@ class DeleteDicomOptions(PipelineOptions):
         )
 
 
+# The options this pipeline takes, for its Dataflow template: name -> required. --target and --filter_file
+# are each optional, but exactly one of them must be given (parse() says so). The template's metadata.json
+# must list exactly these (tests/test_templates.py checks both against the parser).
+OPTIONS: dict[str, bool] = {
+    "store": True,
+    "target": False,
+    "filter_file": False,
+    "metadata_destination": False,
+    "max_columns": False,
+    "exclude_vr": False,
+    "dead_letter": False,
+}
+
+
 def parse(argv: Sequence[str]) -> PipelineOptions:
     """Check every option, and every target or filter line, before anything is deleted."""
     options = PipelineOptions(argv)

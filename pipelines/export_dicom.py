@@ -46,6 +46,18 @@ class ExportDicomOptions(PipelineOptions):
         )
 
 
+# The options this pipeline takes, for its Dataflow template: name -> required. The template's metadata.json
+# must list exactly these (tests/test_templates.py checks both against the parser).
+OPTIONS: dict[str, bool] = {
+    "store": True,
+    "output": True,
+    "file_type": False,
+    "transfer_syntax": False,
+    "filter_file": False,
+    "dead_letter": False,
+}
+
+
 def parse(argv: Sequence[str]) -> PipelineOptions:
     """Check every option, and every line of the filter file, before any work."""
     options = PipelineOptions(argv)

@@ -49,6 +49,19 @@ class ExportMetadataOptions(PipelineOptions):
         )
 
 
+# The options this pipeline takes, for its Dataflow template: name -> required. The template's metadata.json
+# must list exactly these (tests/test_templates.py checks both against the parser).
+OPTIONS: dict[str, bool] = {
+    "store": True,
+    "destination": True,
+    "write_disposition": False,
+    "filter_file": False,
+    "max_columns": False,
+    "exclude_vr": False,
+    "dead_letter": False,
+}
+
+
 def parse(argv: Sequence[str]) -> PipelineOptions:
     """Check every option, and every line of the filter file, before any work."""
     options = PipelineOptions(argv)

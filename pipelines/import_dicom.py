@@ -52,10 +52,34 @@ class ImportDicomOptions(PipelineOptions):
         )
         parser.add_argument(
             "--verify_stored",
-            action="store_true",
+            nargs="?",
+            const=True,
+            default=False,
+            type=_flag,
             help="DICOMweb stores: after each STOW-RS, check with QIDO-RS that every instance the "
             "server acknowledged is there (for servers that may drop what they acknowledge).",
         )
+
+
+# The options this pipeline takes, for its Dataflow template: name -> required. The template's metadata.json
+# must list exactly these (tests/test_templates.py checks both against the parser).
+OPTIONS: dict[str, bool] = {
+    "input": True,
+    "store": True,
+    "storage_class": False,
+    "verify_stored": False,
+    "dead_letter": False,
+    "metadata_destination": False,
+    "max_columns": False,
+    "exclude_vr": False,
+}
+
+
+def _flag(text: str) -> bool:
+    """`--verify_stored`, or `--verify_stored=true|false` as a template launch passes it."""
+    if text.lower() not in ("true", "false"):
+        raise OptionError("verify_stored", f"{text!r} is not true or false")
+    return text.lower() == "true"
 
 
 def parse(argv: Sequence[str]) -> PipelineOptions:

@@ -198,7 +198,7 @@ def test_a_tiny_column_limit_drops_columns_with_their_names(tmp_path: Path) -> N
         ([f"--destination=d{n}" for n in range(6)], "--destination", "at most 5"),
         (["--destination=d", "--write_disposition=WRITE_SOMETIMES"], "--write_disposition", "one of"),
         (["--destination=d", "--exclude_vr=XX"], "--exclude_vr", "not a DICOM VR"),
-        (["--destination=bq://p.d.t"], "--destination", "needs --temp_location=gs://"),
+        (["--destination=bq://my-project.d.t"], "--destination", "needs --temp_location=gs://"),
     ],
 )
 def test_bad_metadata_options_stop_before_any_work(

@@ -36,7 +36,9 @@ from transforms import NAMESPACE
 from transforms.flatten import Flat
 from transforms.objects import Lister, delete_tree, is_gcs, join, read_bytes, split_gcs, write_bytes
 
-BIGQUERY_TABLE = re.compile(r"bq://([a-z0-9-:.]+)\.([A-Za-z0-9_]+)\.([A-Za-z0-9_$-]+)")
+BIGQUERY_TABLE = re.compile(
+    r"bq://((?:[a-z0-9.-]+:)?[a-z][a-z0-9-]*[a-z0-9])\.([A-Za-z0-9_]+)\.([A-Za-z0-9_$-]+)"
+)
 WRITE_DISPOSITIONS = ("WRITE_EMPTY", "WRITE_TRUNCATE", "WRITE_APPEND")
 MAX_DESTINATIONS = 5
 ROWS_PER_FILE = 5000

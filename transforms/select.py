@@ -104,7 +104,7 @@ class SelectTargets(beam.PTransform):
     def expand(self, begin: beam.pvalue.PBegin) -> beam.PCollection[Target]:
         if self.filter_file or self.targets:
             lines = (
-                begin | "ReadFilter" >> beam.io.ReadFromText(self.filter_file)
+                begin | "ReadFilter" >> beam.io.ReadFromText(self.filter_file, validate=False)
                 if self.filter_file
                 else begin | "Targets" >> beam.Create(self.targets)
             )

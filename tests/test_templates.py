@@ -1,0 +1,425 @@
+"""The Dataflow flex templates against the pipelines themselves.
+
+Each templates/<pipeline>/metadata.json must list exactly the options its pipeline's parser takes
+(`OPTIONS` in the pipeline's module), required as the parser requires them, with regexes that accept
+the values the parser accepts on Dataflow: gs:// locations, DICOMweb URLs and Healthcare API stores.
+Local paths, which the parser accepts, are refused there: a launcher's or worker's disk is gone after
+the job. And the launcher's work, parse and build, must do no I/O beyond reading the filter file once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import re
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+
+import apache_beam as beam
+import pytest
+from google.cloud import storage
+
+from pipelines import delete_dicom, export_dicom, export_metadata, import_dicom
+from pipelines.common import OptionError, SharedOptions
+from transforms.convert import TRANSFER_SYNTAXES
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+PIPELINES: dict[str, tuple[ModuleType, type]] = {
+    "import_dicom": (import_dicom, import_dicom.ImportDicomOptions),
+    "export_dicom": (export_dicom, export_dicom.ExportDicomOptions),
+    "export_metadata": (export_metadata, export_metadata.ExportMetadataOptions),
+    "delete_dicom": (delete_dicom, delete_dicom.DeleteDicomOptions),
+}
+DATAFLOW = [
+    "--runner=DataflowRunner",
+    "--project=my-project",
+    "--region=europe-west4",
+    "--temp_location=gs://dicom-etl-temp/tmp",
+]
+FILTER_URI = "gs://filters/2026-11-23.txt"  # put in the GCS emulator by the `filter_in_gcs` fixture
+# Valid values of each pipeline's required options (delete_dicom: --target, as it needs it or a filter file).
+BASE = {
+    "import_dicom": {
+        "input": "gs://landing/2026-11-23/**.dcm",
+        "store": "projects/p/locations/europe-west4/datasets/imaging/dicomStores/main",
+    },
+    "export_dicom": {"store": "gs://archive/store", "output": "gs://archive/2026-11-23"},
+    "export_metadata": {"store": "gs://archive/store", "destination": "bq://my-project.imaging.instances"},
+    "delete_dicom": {"store": "https://dicom.example.org/dicom-web", "target": "/studies/1.2.3"},
+}
+
+
+@dataclass
+class Examples:
+    """Values for one option: `valid` pass both the regex and the parser; `local` pass the parser but
+    not the regex (meaningless on Dataflow); `invalid` pass neither."""
+
+    valid: list[str]
+    invalid: list[str]
+    local: list[str] = field(default_factory=list)
+
+
+FIVE = ",".join(f"gs://archive/metadata{i}" for i in range(4)) + ",bq://my-project.imaging.instances"
+DESTINATIONS = Examples(
+    valid=[
+        "bq://my-project.imaging.instances",
+        "bq://example.com:my-project.imaging.instances_2026",
+        "gs://archive/metadata",
+        "bq://my-project.d.t,gs://archive/metadata",
+        "bq://my-project.d.t, gs://archive/metadata",
+        FIVE,
+    ],
+    invalid=[
+        "gs://",
+        "bq://my-project.d",
+        "bq://My-Project.d.t",
+        "bq://p.d.t",  # a project id has 2 characters or more
+        "ftp://x/metadata",
+        FIVE + ",gs://archive/sixth",
+    ],
+    local=["./metadata", "/srv/metadata,bq://my-project.d.t"],
+)
+EXAMPLES = {
+    "input": Examples(
+        valid=[
+            "gs://bucket/dir/**.dcm",
+            "gs://landing/2026-11-23/**.dcm",
+            "gs://landing/extra/CT?.dcm",
+            "gs://b/*/series-?/*.dcm",
+            "gs://b/one/file.dcm",
+            "gs://b/**",
+            "gs://b/*",
+            "gs://a/**.dcm,gs://b/x/*.dcm",
+            "gs://a/**.dcm, gs://b/x/*.dcm",
+        ],
+        invalid=[
+            "",
+            "gs://",
+            "gs://bucket",
+            "gs://bucket/",
+            "gs://b/**/x.dcm",
+            "gs://b/a*/**",
+            "gs://b/**.d?m",
+            "gs://b/***",
+            "gs://b*/x.dcm",
+            "gs://a/**.dcm,gs://b/**/x.dcm",
+        ],
+        local=["incoming/**.dcm", "/data/landing/*.dcm", "ftp://x/y.dcm"],  # the last is a relative path
+    ),
+    "store": Examples(
+        valid=[
+            "gs://archive/store",
+            "gs://archive",
+            "gs://archive/store/",
+            "http://localhost:8042/dicom-web",
+            "https://dicom.example.org/dicom-web",
+            "projects/p/locations/europe-west4/datasets/imaging/dicomStores/main",
+        ],
+        invalid=[
+            "",
+            "gs://",
+            "ftp://x",
+            "http://",
+            "http://user:secret@host/dicom-web",
+            "https://host/dicom-web?x=1",
+            "https://host/dicom-web#top",
+            "projects/p/locations/l/datasets/d",
+            "projects/p/locations/l/datasets/d/dicomStores/s/extra",
+        ],
+        local=["./store", "/srv/store"],
+    ),
+    "storage_class": Examples(
+        valid=["STANDARD", "NEARLINE", "COLDLINE", "ARCHIVE", "nearline"],
+        invalid=["", "GLACIER", "STANDARD,NEARLINE"],
+    ),
+    "verify_stored": Examples(valid=["true", "false"], invalid=["yes", "1"]),
+    "dead_letter": Examples(
+        valid=["gs://archive/dead_letter", "gs://archive"],
+        invalid=["gs://", "ftp://x/dead_letter"],
+        local=["./dead_letter"],
+    ),
+    "metadata_destination": DESTINATIONS,
+    "destination": DESTINATIONS,
+    "max_columns": Examples(valid=["1", "10000"], invalid=["0", "-5", "abc", ""]),
+    "exclude_vr": Examples(
+        valid=["SQ", "sq", "SQ,PN", "SQ, PN", "OB,OW,UN"], invalid=["XX", "SQ,XX", "S", "SQPN"]
+    ),
+    "output": Examples(
+        valid=["gs://archive/2026-11-23", "gs://archive"],
+        invalid=["", "gs://", "ftp://x"],
+        local=["./export"],
+    ),
+    "file_type": Examples(valid=["dicom", "octet-stream", "jpeg", "png"], invalid=["", "DICOM", "tiff"]),
+    "transfer_syntax": Examples(
+        valid=list(TRANSFER_SYNTAXES),
+        invalid=[
+            "1.2.840.10008.1.2.4.50",  # JPEG baseline: lossy, not offered
+            "1.2.840.10008.1.2.1.",
+            "explicit-vr-little-endian",
+            "1.2.840.10008.1.2.1,1.2.840.10008.1.2",
+        ],
+    ),
+    "write_disposition": Examples(
+        valid=["WRITE_EMPTY", "WRITE_TRUNCATE", "WRITE_APPEND", "write_append"], invalid=["", "WRITE_NEVER"]
+    ),
+    "filter_file": Examples(valid=[FILTER_URI], invalid=["gs://", "gs://filters", "ftp://x/filter.txt"]),
+    "target": Examples(
+        valid=[
+            "/studies/1.2.3",
+            "/studies/1.2.3/series/4.5",
+            "/studies/1.2.3/series/4.5/instances/6.7",
+            "/studies/1.2.3,/studies/4.5",
+            " /studies/1.2.3 ",
+        ],
+        invalid=[
+            "",
+            "/studies/",
+            "/studies/1.2.3/",
+            "/studies/1..2",
+            "/studies/1.2.3/instances/4",
+            "studies/1.2.3",
+            "/studies/a.b",
+        ],
+    ),
+}
+
+
+def metadata(name: str) -> dict:
+    return json.loads((TEMPLATES / name / "metadata.json").read_text())
+
+
+def parameters(name: str) -> dict[str, dict]:
+    return {parameter["name"]: parameter for parameter in metadata(name)["parameters"]}
+
+
+def regex(name: str, option: str) -> re.Pattern[str]:
+    return re.compile(parameters(name)[option]["regexes"][0])
+
+
+def dests(options_class: type) -> set[str]:
+    """The options an options class defines, by their argparse destinations."""
+    parser = argparse.ArgumentParser(add_help=False)
+    options_class._add_argparse_args(parser)
+    return {action.dest for action in parser._actions}
+
+
+def argv(name: str, **values: str) -> list[str]:
+    """A Dataflow argv for `name`: its base options, changed by `values` (None drops one)."""
+    options = BASE[name] | values
+    if name == "delete_dicom" and "filter_file" in values:
+        options.pop("target")  # one or the other
+    return DATAFLOW + [f"--{key}={value}" for key, value in options.items() if value is not None]
+
+
+def examples(kind: str) -> list:
+    cases = []
+    for name, (module, _) in PIPELINES.items():
+        for option in module.OPTIONS:
+            for value in getattr(EXAMPLES[option], kind):
+                cases.append(pytest.param(name, option, value, id=f"{name}-{option}-{value!r}"))
+    return cases
+
+
+@pytest.fixture(scope="module")
+def filter_in_gcs(gcs: storage.Client) -> str:
+    bucket = gcs.bucket("filters")
+    if not bucket.exists():
+        gcs.create_bucket("filters")
+    bucket.blob("2026-11-23.txt").upload_from_string("/studies/1.2.3\n/studies/4.5/series/6.7\n")
+    return FILTER_URI
+
+
+@pytest.mark.parametrize("name", PIPELINES)
+def test_options_are_the_parsers(name: str) -> None:
+    module, own = PIPELINES[name]
+    assert set(module.OPTIONS) <= dests(own) | dests(SharedOptions)
+    assert dests(own) <= set(module.OPTIONS)
+
+
+@pytest.mark.parametrize("name", PIPELINES)
+def test_required_options_are_required(name: str) -> None:
+    module, _ = PIPELINES[name]
+    module.parse(argv(name))
+    for option in [option for option, required in module.OPTIONS.items() if required]:
+        with pytest.raises(OptionError, match=f"--{option}:"):
+            module.parse(argv(name, **{option: None}))
+
+
+def test_delete_needs_a_target_or_a_filter_file() -> None:
+    with pytest.raises(OptionError, match="--target: give either"):
+        delete_dicom.parse(argv("delete_dicom", target=None))
+
+
+@pytest.mark.parametrize("name", PIPELINES)
+def test_metadata_lists_the_options(name: str) -> None:
+    module, _ = PIPELINES[name]
+    meta = metadata(name)
+    assert meta["name"] and meta["description"]
+    names = [parameter["name"] for parameter in meta["parameters"]]
+    assert sorted(names) == sorted(module.OPTIONS)  # each once
+    for parameter in meta["parameters"]:
+        assert set(parameter) == {"name", "label", "helpText", "isOptional", "regexes"}
+        assert parameter["label"].strip() and parameter["helpText"].strip()
+        assert parameter["isOptional"] is not module.OPTIONS[parameter["name"]]
+        [pattern] = parameter["regexes"]
+        assert pattern.startswith("^") and pattern.endswith("$")
+
+
+def test_an_option_has_one_regex_in_every_template() -> None:
+    seen: dict[str, str] = {}
+    for name in PIPELINES:
+        for option, parameter in parameters(name).items():
+            assert seen.setdefault(option, parameter["regexes"][0]) == parameter["regexes"][0], option
+
+
+def test_every_option_has_examples() -> None:
+    for module, _ in PIPELINES.values():
+        for option in module.OPTIONS:
+            assert EXAMPLES[option].valid and EXAMPLES[option].invalid, option
+
+
+@pytest.mark.parametrize(("name", "option", "value"), examples("valid"))
+def test_valid_values_pass_regex_and_parser(name: str, option: str, value: str, request) -> None:
+    assert regex(name, option).fullmatch(value)
+    if option == "filter_file":
+        request.getfixturevalue("filter_in_gcs")
+    PIPELINES[name][0].parse(argv(name, **{option: value}))
+
+
+@pytest.mark.parametrize(("name", "option", "value"), examples("invalid"))
+def test_invalid_values_fail_regex_and_parser(name: str, option: str, value: str, request) -> None:
+    assert not regex(name, option).fullmatch(value)
+    if option == "filter_file":
+        request.getfixturevalue("filter_in_gcs")
+    with pytest.raises((OptionError, SystemExit)):  # SystemExit: argparse's own refusal, also exit 2
+        PIPELINES[name][0].parse(argv(name, **{option: value}))
+
+
+@pytest.mark.parametrize(("name", "option", "value"), examples("local"))
+def test_local_paths_pass_only_the_parser(name: str, option: str, value: str) -> None:
+    assert not regex(name, option).fullmatch(value)
+    PIPELINES[name][0].parse(argv(name, **{option: value}))
+
+
+LAUNCHES = {
+    "import_dicom": {
+        "input": "gs://no-such-landing/2026-11-23/**.dcm,gs://no-such-landing/extra/CT?.dcm",
+        "store": "gs://no-such-archive/store",
+        "metadata_destination": "bq://my-project.imaging.instances,gs://no-such-archive/metadata",
+    },
+    "export_dicom": {"store": "gs://no-such-archive/store", "filter_file": FILTER_URI, "file_type": "png"},
+    "export_metadata": {
+        "store": "projects/p/locations/europe-west4/datasets/imaging/dicomStores/main",
+        "destination": "bq://my-project.imaging.instances,gs://no-such-archive/metadata",
+        "filter_file": FILTER_URI,
+    },
+    "delete_dicom": {
+        "store": "http://dicom.invalid/dicom-web",
+        "filter_file": FILTER_URI,
+        "metadata_destination": "bq://my-project.imaging.instances",
+    },
+}
+
+
+class NetworkUsed(BaseException):
+    """Not an Exception, so that no client library's retry loop swallows it: the test fails at once."""
+
+
+@pytest.mark.parametrize("name", list(PIPELINES))
+def test_launcher_builds_without_io(
+    name: str, filter_in_gcs: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """What a flex template launch does before submitting: parse (which reads the filter file, the one
+    check the contract asks of the launcher), then build and serialize the graph, with no network: no
+    listing of the patterns or stores that do not exist, no BigQuery, no credentials.
+
+    `--dry_run=true` skips Beam's own look-up, when a Pipeline is made for Dataflow, of the temp
+    bucket's soft-delete policy (a warning only); everything of ours runs as on the launcher."""
+    module, _ = PIPELINES[name]
+    launch = [f"--template_location={tmp_path}/job_object", "--dry_run=true"]
+    options = module.parse(argv(name, **LAUNCHES[name]) + launch)
+    attempts: list[object] = []
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        attempts.append(args)
+        raise NetworkUsed(f"network access while the launcher builds the pipeline: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    start = time.monotonic()
+    pipeline = beam.Pipeline(options=options)
+    assert type(pipeline.runner).__name__ == "DataflowRunner"
+    module.build(pipeline, options)
+    proto = pipeline.to_runner_api()
+    assert time.monotonic() - start < 30
+    assert attempts == []
+    assert len(proto.components.transforms) > 5
+
+
+def launcher() -> ModuleType:
+    """templates/launch.py, the image's FLEX_TEMPLATE_PYTHON_PY_FILE, loaded as the launcher runs it."""
+    spec = importlib.util.spec_from_file_location("launch", TEMPLATES / "launch.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_launcher_runs_the_launched_templates_pipeline(capsys: pytest.CaptureFixture[str]) -> None:
+    """Each template's parameters, all of them or its required ones, lead to its own pipeline."""
+    launch = launcher()
+    for marker, name in launch.MARKERS.items():  # each marker is one pipeline's own required option
+        assert [other for other, (module, _) in PIPELINES.items() if marker in module.OPTIONS] == [name]
+        assert PIPELINES[name][0].OPTIONS[marker] is True
+    for name, (module, _) in PIPELINES.items():
+        everything = argv(name) + [f"--{option}=x" for option in module.OPTIONS if option not in BASE[name]]
+        assert launch.pipeline_for(argv(name)) == launch.pipeline_for(everything) == name
+    assert launch.pipeline_for(DATAFLOW + ["--filter_file=gs://f/x.txt", "--store=gs://s"]) == "delete_dicom"
+    with pytest.raises(ValueError, match="export_dicom and import_dicom"):
+        launch.pipeline_for(["--input=gs://a/*.dcm", "--output", "gs://b"])
+    assert launch.main(["--input=gs://a/*.dcm", "--output=gs://b"]) == 2
+    assert launch.main([*DATAFLOW, "--output=gs://archive/x"]) == 2  # export_dicom's own check: no --store
+    assert capsys.readouterr().err.splitlines()[-1] == "error: --store: " + (
+        "required: a directory, gs:// prefix, DICOMweb URL or Healthcare store"
+    )
+
+
+def test_template_launch_submits_and_exits_0(
+    gcs: storage.Client, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A flex template launch, as Dataflow's launcher runs templates/launch.py: the job's description
+    is written to --template_location (Dataflow then starts the job), the staged files beside it, and
+    the program prints the job's id and state and exits 0. Only the GCS emulator, on loopback, is used."""
+    if not gcs.bucket("dicom-etl-staging").exists():
+        gcs.create_bucket("dicom-etl-staging")
+    job = "gs://dicom-etl-staging/staging/template_launches/2026-11-23_01_02_03-4242/job_object"
+    outside: list[object] = []
+    connect = socket.socket.connect
+
+    def loopback_only(sock: socket.socket, address: object) -> None:
+        if not (isinstance(address, tuple) and address[0] in ("127.0.0.1", "::1")):
+            outside.append(address)
+            raise NetworkUsed(f"connection to {address} during a launch")
+        connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", loopback_only)
+    status = launcher().main(
+        [
+            "--runner=DataflowRunner",
+            "--project=my-project",
+            "--region=europe-west4",
+            "--temp_location=gs://dicom-etl-staging/tmp",
+            "--staging_location=gs://dicom-etl-staging/staging",
+            f"--template_location={job}",
+            *(f"--{key}={value}" for key, value in LAUNCHES["import_dicom"].items()),
+        ]
+    )
+    assert outside == []
+    assert gcs.bucket("dicom-etl-staging").blob(job[len("gs://dicom-etl-staging/") :]).exists()
+    assert status == 0, capsys.readouterr().err[-2000:]
+    assert set(json.loads(capsys.readouterr().out.strip().splitlines()[-1])) >= {"job_id", "state"}
