@@ -7,18 +7,16 @@ from collections.abc import Iterator
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
-from google.api_core import exceptions as google_errors
 
 from transforms import NAMESPACE
 from transforms.convert import ConversionError, frames, render, transcode
 from transforms.dead_letter import failure
 from transforms.dicom_header import valid_uid
-from transforms.objects import is_gcs, join, write_bytes
+from transforms.objects import IO_ERRORS, is_gcs, join, write_bytes
 from transforms.progress import Progress
 from transforms.store import InstanceRef, open_store
 
 FILE_TYPES = {"dicom": "dcm", "octet-stream": "bin", "jpeg": "jpg", "png": "png"}
-IO_ERRORS = (OSError, google_errors.GoogleAPIError)
 
 
 class ExportInstances(beam.DoFn):

@@ -11,6 +11,7 @@ from pydicom.dataset import Dataset
 
 from transforms.dicom_header import read_header
 from transforms.objects import (
+    IO_ERRORS,
     Lister,
     MatchedFile,
     copy,
@@ -25,7 +26,6 @@ from transforms.objects import (
 )
 from transforms.store import ALREADY_PRESENT, FAILURE, SUCCESS, InstanceRef, Parsed, Store, Written
 
-IO_ERRORS = (OSError, google_errors.GoogleAPIError)
 INSTANCE_PATH = re.compile(r"studies/([0-9.]+)/series/([0-9.]+)/instances/([0-9.]+)\.dcm")
 
 

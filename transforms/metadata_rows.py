@@ -8,18 +8,15 @@ from typing import Any
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
-from google.api_core import exceptions as google_errors
 
 from transforms import NAMESPACE
 from transforms.dead_letter import failure
 from transforms.dicom_header import InvalidInstance, read_header
 from transforms.flatten import Flat, flatten
 from transforms.metadata_sink import with_event
-from transforms.objects import MatchedFile, open_ranged
+from transforms.objects import IO_ERRORS, MatchedFile, open_ranged
 from transforms.progress import Progress
 from transforms.store import InstanceRef, open_store
-
-IO_ERRORS = (OSError, google_errors.GoogleAPIError)
 
 
 def now() -> datetime.datetime:

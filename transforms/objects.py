@@ -23,6 +23,7 @@ import google_crc32c
 from google.api_core import exceptions as gcs_errors
 from google.cloud import storage
 
+IO_ERRORS = (OSError, gcs_errors.GoogleAPIError)  # what reading or writing a file or object may raise
 READ_BUFFER = 64 * 1024  # one ranged request covers the header of most instances
 READ_WHOLE_BELOW = 256 * 1024  # smaller files are read in one request: round trips cost more than bytes
 

@@ -16,16 +16,14 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
-from google.api_core import exceptions as google_errors
 
 from transforms import NAMESPACE
 from transforms.dead_letter import failure
 from transforms.dicom_header import InvalidInstance, read_header
-from transforms.objects import MatchedFile, open_ranged
+from transforms.objects import IO_ERRORS, MatchedFile, open_ranged
 from transforms.progress import Progress
 from transforms.store import FAILURE, SUCCESS, InstanceRef, Parsed, Written, open_store
 
-READ_ERRORS = (OSError, google_errors.GoogleAPIError)
 MAX_BATCH_INSTANCES = 100
 MAX_BATCH_BYTES = 32 * 1024 * 1024
 IN_FLIGHT = 4  # batches being written at once by one DoFn instance
@@ -47,7 +45,7 @@ class ParseInstances(beam.DoFn):
             self.failures.inc()
             yield failure(file.uri, "parse", error.reason, error.detail)
             return
-        except READ_ERRORS as error:
+        except IO_ERRORS as error:
             self.failures.inc()
             yield failure(file.uri, "parse", "read_error", f"{type(error).__name__}: {error}")
             return
