@@ -50,6 +50,13 @@ class Parsed(NamedTuple):
     ref: InstanceRef
 
 
+class BlobInfo(NamedTuple):
+    """What a store reports of an instance's stored object, for the metadata table's columns."""
+
+    size: int | None  # BlobStorageSize: bytes, None if the store cannot tell
+    storage_class: str | None  # StorageClass: STANDARD, NEARLINE, ...; None if the store has none
+
+
 class Written(NamedTuple):
     """What became of one instance given to `Store.write`."""
 
@@ -100,6 +107,10 @@ class Store(abc.ABC):
         data = self.read(ref)
         write_bytes(destination, data)
         return len(data)
+
+    def blob_info(self, ref: InstanceRef) -> BlobInfo:
+        """The stored object's size and storage class, as far as this kind of store can tell."""
+        return BlobInfo(None, None)
 
     @abc.abstractmethod
     def metadata(self, ref: InstanceRef) -> dict[str, Any]:
