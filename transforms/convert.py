@@ -11,9 +11,12 @@ rather than a failed run; an instance without pixels is "no_pixel_data".
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
+import os
 import struct
+import tempfile
 import warnings
 import zlib
 from collections.abc import Iterator
@@ -52,7 +55,9 @@ from pydicom.uid import (
 
 from transforms.dicom_header import check_inflated_size
 from transforms.failures import ItemFailed, describe, item_failure
+from transforms.objects import IO_ERRORS, copy, delete_tree, write_bytes
 
+FILE_TYPES = {"dicom": "dcm", "octet-stream": "bin", "jpeg": "jpg", "png": "png"}
 TRANSFER_SYNTAXES: dict[str, str] = {
     ExplicitVRLittleEndian: "explicit-vr-little-endian",
     ImplicitVRLittleEndian: "implicit-vr-little-endian",
@@ -68,6 +73,53 @@ PIXEL_DATA = 0x7FE00010
 WORD_SIZES = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}  # values byte-swapped between endiannesses
 MAX_INFLATED = 128 * 1024 * 1024  # a deflated instance inflating to more is too_large to convert
 ITEM, SEQUENCE_DELIMITER = (0xFFFE, 0xE000), (0xFFFE, 0xE0DD)
+
+
+def convert_file(local: str, stem: str, file_type: str, transfer_syntax: str | None, root: str) -> list[str]:
+    """Write what the instance in the local file `local` becomes, as `{stem}.{extension}` under
+    `root` (an export's output): transcoded DICOM, or one file per frame, `{stem}.{ext}` for one
+    frame and `{stem}_{frame:04d}.{ext}` (counted from 1) for several. The names written, or
+    ItemFailed with none of them left behind: an instance is exported whole or not at all."""
+    written: list[str] = []
+    try:
+        ds = read_instance(local)
+        if file_type == "dicom":
+            _write_dicom(ds, local, f"{stem}.dcm", transfer_syntax or "", root)
+            written.append(f"{stem}.dcm")
+            return written
+        parts = frames(ds) if file_type == "octet-stream" else render(ds, file_type)
+        extension, several = FILE_TYPES[file_type], frame_count(ds) > 1
+        for number, part in enumerate(parts, start=1):
+            name = f"{stem}_{number:04d}.{extension}" if several else f"{stem}.{extension}"
+            with _failing_as_write_error():
+                write_bytes(name, part, root=root)
+            written.append(name)
+        return written
+    except BaseException:
+        for name in written:
+            with contextlib.suppress(*IO_ERRORS):
+                delete_tree(name)
+        raise
+
+
+def _write_dicom(ds: Dataset, local: str, name: str, transfer_syntax: str, root: str) -> None:
+    """`local` as `name`, transcoded unless it is in `transfer_syntax` already."""
+    with tempfile.TemporaryDirectory(prefix="dicom-etl-") as directory:
+        source = local
+        if ds.file_meta.get("TransferSyntaxUID") != transfer_syntax:
+            source = os.path.join(directory, "transcoded.dcm")
+            with open(source, "wb") as out:
+                transcode(ds, transfer_syntax, out)
+        with _failing_as_write_error():
+            copy(source, name, root=root)
+
+
+@contextmanager
+def _failing_as_write_error() -> Iterator[None]:
+    try:
+        yield
+    except IO_ERRORS as error:
+        raise ItemFailed("write_error", describe(error)) from error
 
 
 def read_instance(source: str | BinaryIO) -> Dataset:

@@ -2,36 +2,35 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from collections.abc import Iterator
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from transforms import NAMESPACE
-from transforms.convert import frame_count, frames, read_instance, render, transcode
+from transforms.convert import convert_file
 from transforms.dead_letter import failure
 from transforms.dicom_header import valid_uid
 from transforms.failures import ItemFailed, describe, item_failure
-from transforms.objects import IO_ERRORS, clean_staging, copy, delete_tree, is_gcs, join, write_bytes
+from transforms.isolated import Isolated
+from transforms.objects import IO_ERRORS, clean_staging, is_gcs, join
 from transforms.progress import Progress
 from transforms.store import InstanceRef, open_store
 
-FILE_TYPES = {"dicom": "dcm", "octet-stream": "bin", "jpeg": "jpg", "png": "png"}
 STAGES = {"invalid_uid": "select", "not_found": "read", "read_error": "read", "write_error": "write"}
+CONVERT_SECONDS = 600  # the most a conversion may take, plus CONVERT_SECONDS_PER_MB of its file
+CONVERT_SECONDS_PER_MB = 10
 
 
 class ExportInstances(beam.DoFn):
     """InstanceRef -> the files written for it, under `{output}/{study}/{series}/`.
 
     `dicom` writes `{sop}.dcm`, unchanged (copied server-side when both ends are in GCS) or
-    transcoded to `transfer_syntax`; the other types write one file per frame: `{sop}.{ext}` for a
-    single frame, `{sop}_{frame:04d}.{ext}` (frames counted from 1) for several. The instance is
-    read from a local file (the stored file, or a temporary copy) and its output written a frame
-    at a time, so memory holds one instance as stored plus a frame. An instance that fails leaves
-    none of its files behind.
+    transcoded to `transfer_syntax`; the other types write one file per frame (see
+    convert.convert_file). Conversions read the instance from a local file (the stored file, or a
+    temporary copy) in a child process (transforms/isolated.py): a codec that crashes or hangs on
+    a hostile file costs that instance a `cannot_convert` dead letter, not the run.
     """
 
     def __init__(self, store_location: str, output: str, file_type: str, transfer_syntax: str | None) -> None:
@@ -46,6 +45,7 @@ class ExportInstances(beam.DoFn):
 
     def setup(self) -> None:
         self.store = open_store(self.store_location)
+        self.converter = Isolated("cannot_convert")
         self.progress = Progress("export_dicom")
         if not is_gcs(self.output):  # the contract: {output} exists after an export
             os.makedirs(self.output, exist_ok=True)
@@ -58,55 +58,37 @@ class ExportInstances(beam.DoFn):
             yield self._fail(path, "invalid_uid", f"{bad[:80]!r} is not 1-64 digits and dots")
             return
         stem = join(self.output, ref.study, ref.series, ref.sop)
-        written: list[str] = []
         try:
-            if self.file_type == "dicom" and self.transfer_syntax is None:
-                with _failing_as("write_error"):
-                    moved = self.store.copy_instance(ref, f"{stem}.dcm", self.output)
-                written.append(f"{stem}.dcm")
-                self.counters["bytes_through_worker"].inc(moved)
-            else:
-                with self.store.spool(ref) as local:
-                    self.counters["bytes_through_worker"].inc(os.path.getsize(local))
-                    self._convert(local, stem, written)
+            written = self._export(ref, stem)
+        except FileNotFoundError as error:
+            yield self._fail(path, "not_found", f"the store holds no such instance: {error}")
+            return
         except BaseException as error:  # item_failure re-raises interrupts
-            with contextlib.suppress(*IO_ERRORS):  # an instance is exported whole or not at all
-                for name in written:
-                    delete_tree(name)
-            if isinstance(error, FileNotFoundError):
-                yield self._fail(path, "not_found", f"the store holds no such instance: {error}")
-            else:
-                failed = item_failure(error, "read_error")
-                yield self._fail(path, failed.reason, failed.detail)
+            failed = item_failure(error, "read_error")
+            yield self._fail(path, failed.reason, failed.detail)
             return
         self.counters["success"].inc()
         self.counters["files_written"].inc(len(written))
         self.progress.add("success")
         yield from written
 
-    def _convert(self, local: str, stem: str, written: list[str]) -> None:
-        """Write the files the instance in `local` becomes, adding each name to `written`."""
-        ds = read_instance(local)
-        if self.file_type == "dicom":
-            target = self.transfer_syntax or ""
-            with tempfile.TemporaryDirectory(prefix="dicom-etl-") as directory:
-                source = local
-                if ds.file_meta.get("TransferSyntaxUID") != target:  # else unchanged, like a copy
-                    source = os.path.join(directory, "transcoded.dcm")
-                    with open(source, "wb") as out:
-                        transcode(ds, target, out)
-                with _failing_as("write_error"):
-                    copy(source, f"{stem}.dcm", root=self.output)
-            written.append(f"{stem}.dcm")
-            return
-        parts = frames(ds) if self.file_type == "octet-stream" else render(ds, self.file_type)
-        extension = FILE_TYPES[self.file_type]
-        several = frame_count(ds) > 1
-        for number, part in enumerate(parts, start=1):
-            name = f"{stem}_{number:04d}.{extension}" if several else f"{stem}.{extension}"
-            with _failing_as("write_error"):
-                write_bytes(name, part, root=self.output)
-            written.append(name)
+    def _export(self, ref: InstanceRef, stem: str) -> list[str]:
+        if self.file_type == "dicom" and self.transfer_syntax is None:
+            try:
+                moved = self.store.copy_instance(ref, f"{stem}.dcm", self.output)
+            except FileNotFoundError:
+                raise
+            except IO_ERRORS as error:
+                raise ItemFailed("write_error", describe(error)) from error
+            self.counters["bytes_through_worker"].inc(moved)
+            return [f"{stem}.dcm"]
+        with self.store.spool(ref) as local:
+            size = os.path.getsize(local)
+            self.counters["bytes_through_worker"].inc(size)
+            timeout = CONVERT_SECONDS + CONVERT_SECONDS_PER_MB * size / 1e6
+            return self.converter.call(
+                convert_file, local, stem, self.file_type, self.transfer_syntax, self.output, timeout=timeout
+            )
 
     def _fail(self, path: str, reason: str, detail: str) -> beam.pvalue.TaggedOutput:
         self.counters["failure"].inc()
@@ -114,16 +96,5 @@ class ExportInstances(beam.DoFn):
         return failure(path, STAGES.get(reason, "convert"), reason, detail)
 
     def teardown(self) -> None:
+        self.converter.close()
         self.store.close()
-
-
-@contextlib.contextmanager
-def _failing_as(reason: str) -> Iterator[None]:
-    """File and object errors (but a missing source) as ItemFailed(reason): where a step both
-    reads and writes, which of the two failed."""
-    try:
-        yield
-    except FileNotFoundError:
-        raise
-    except IO_ERRORS as error:
-        raise ItemFailed(reason, describe(error)) from error

@@ -26,6 +26,9 @@ class ItemFailed(Exception):
         self.reason = reason
         self.detail = detail
 
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:  # it crosses process boundaries
+        return ItemFailed, (self.reason, self.detail)
+
 
 class RunFailed(RuntimeError):
     """The run as a whole cannot go on (a store unreachable, a destination refused): exit 1.
