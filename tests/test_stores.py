@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -99,6 +100,72 @@ def test_writing_again_finds_the_same_data_present_and_different_data_a_conflict
     assert same.outcome == ALREADY_PRESENT
     assert (other.outcome, other.reason) == (FAILURE, "conflict")
     assert data_set_bytes(store.read(ct.ref)) == data_set_bytes(Path(ct.file.uri).read_bytes())
+
+
+def moved(item: Parsed, target: Path, **uids: str) -> Parsed:
+    """The same instance (same SOP Instance UID) filed under another study or series."""
+    dataset = pydicom.dcmread(item.file.uri)
+    for keyword, value in uids.items():
+        setattr(dataset, keyword, value)
+    dataset.save_as(target)
+    return parsed(target)
+
+
+def test_the_sop_instance_uid_alone_identifies_an_instance(
+    store: Store, sample: list[Parsed], tmp_path: Path
+) -> None:
+    ct = next(item for item in sample if item.file.uri.endswith("CT_small.dcm"))
+    elsewhere = [
+        moved(ct, tmp_path / "study.dcm", StudyInstanceUID="1.2.826.0.1.3680043.99.1"),
+        moved(ct, tmp_path / "series.dcm", SeriesInstanceUID="1.2.826.0.1.3680043.99.2"),
+    ]
+    store.write([ct])
+
+    results = store.write(elsewhere)
+
+    assert [(r.outcome, r.reason) for r in results] == [(FAILURE, "conflict")] * 2
+    assert all(ct.ref.path() in r.detail for r in results)
+    assert {ref for study in store.studies() for ref in store.instances(study)} == {ct.ref}
+
+
+@pytest.mark.parametrize("kind", ["local", "gcs"])
+def test_racing_writers_of_one_sop_instance_uid_store_it_once(
+    kind: str, sample: list[Parsed], tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Eight writers (threads here; workers or runs alike) store one SOP Instance UID filed under
+    eight studies at once: the create-only claim lets exactly one of them store it."""
+    ct = next(item for item in sample if item.file.uri.endswith("CT_small.dcm"))
+    rivals = [
+        moved(ct, tmp_path / f"{n}.dcm", StudyInstanceUID=f"1.2.826.0.1.3680043.98.{n}") for n in range(8)
+    ]
+    if kind == "gcs":
+        request.getfixturevalue("gcs").create_bucket("race")
+        location = "gs://race/store"
+    else:
+        location = str(tmp_path / "store")
+    stores = [open_store(location) for _ in rivals]
+    with concurrent.futures.ThreadPoolExecutor(len(rivals)) as pool:
+        results = list(pool.map(lambda pair: pair[0].write([pair[1]])[0], zip(stores, rivals, strict=True)))
+
+    assert sorted(r.reason for r in results) == [""] + ["conflict"] * 7
+    winner = rivals[[r.outcome for r in results].index(SUCCESS)]
+    assert [ref for study in stores[0].studies() for ref in stores[0].instances(study)] == [winner.ref]
+
+
+def test_deleting_an_instance_frees_its_uid_for_another_study(
+    store: Store, sample: list[Parsed], tmp_path: Path
+) -> None:
+    if "dicom-web" in store.location:  # Orthanc's DICOMweb plugin has no DELETE (HTTP 405)
+        return
+    ct = next(item for item in sample if item.file.uri.endswith("CT_small.dcm"))
+    refiled = moved(ct, tmp_path / "refiled.dcm", StudyInstanceUID="1.2.826.0.1.3680043.99.3")
+    store.write([ct])
+    store.delete(ct.ref.study)
+
+    [result] = store.write([refiled])
+
+    assert result.outcome == SUCCESS
+    assert list(store.instances(refiled.ref.study)) == [refiled.ref]
 
 
 def test_deleting_an_instance_a_series_and_a_study(store: Store, sample: list[Parsed]) -> None:
