@@ -27,9 +27,9 @@ from pipelines.common import (
     failure_reasons,
     run_name,
 )
-from transforms.convert import TRANSFER_SYNTAXES
+from transforms.convert import FILE_TYPES, TRANSFER_SYNTAXES
 from transforms.dead_letter import DEAD_LETTER, WriteDeadLetters
-from transforms.export import FILE_TYPES, ExportInstances
+from transforms.export import ExportInstances
 from transforms.select import ListInstances, SelectTargets
 
 

@@ -76,6 +76,27 @@ def healthcare(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Heal
         yield api
 
 
+def stored_instances(store: Path) -> dict[str, Path]:
+    """SOP Instance UID -> file of a local file-layout store, checking the store is whole: every
+    file is an instance at its UIDs' path or the index entry naming it, one entry per instance, and
+    nothing else (no staging file, no temporary file)."""
+    instances = (
+        {p.stem: p for p in (store / "studies").rglob("*.dcm")} if (store / "studies").is_dir() else {}
+    )
+    index = {p.name: p.read_text() for p in (store / "index").rglob("*") if p.is_file()}
+    for sop, path in instances.items():
+        assert index.get(sop) == "/" + path.relative_to(store).with_suffix("").as_posix(), sop
+    others = [
+        p
+        for p in store.rglob("*")
+        if p.is_file() and p.suffix != ".dcm" and p.relative_to(store).parts[0] != "index"
+    ]
+    assert not others, f"not instances nor index entries: {others[:5]}"
+    assert set(index) == set(instances), "index entries without instances, or instances without"
+    assert len(instances) == len(list(store.rglob("*.dcm"))), "an instance stored twice"
+    return instances
+
+
 class Run:
     """The outcome of one pipeline run: exit status, summary line, dead-letter records."""
 

@@ -91,7 +91,7 @@ def test_an_export_to_gcs_survives_429_and_503_on_its_copies(
     assert [request.fault for request in proxy.requests if request.fault] == FAULTS
     exported = files_in(gcs, bucket, "out/")
     assert len(exported) == 19
-    assert by_sop(exported) == by_sop(files_in(gcs, bucket, "store/"))
+    assert by_sop(exported) == by_sop(files_in(gcs, bucket, "store/studies/"))
 
 
 def test_an_import_within_gcs_survives_429_and_503_on_its_create_only_copies(
@@ -110,7 +110,7 @@ def test_an_import_within_gcs_survives_429_and_503_on_its_create_only_copies(
     assert (run.status, run.summary["success"], run.dead_letters) == (0, 19, [])
     assert [request.fault for request in proxy.requests if request.fault] == FAULTS
     landed = files_in(gcs, "import-retries", "landing/")
-    stored = files_in(gcs, "import-retries", "store/")
+    stored = files_in(gcs, "import-retries", "store/studies/")
     assert sorted(stored.values()) == sorted(data for name, data in landed.items() if name.endswith(".dcm"))
 
 
@@ -129,4 +129,4 @@ def test_a_delete_in_gcs_survives_429_and_503_on_its_deletes(
 
     assert (run.status, run.summary["success"]) == (0, held)
     assert [request.fault for request in proxy.requests if request.fault] == FAULTS
-    assert not [name for name in files_in(gcs, "delete-retries", "store/") if f"/{study}/" in name]
+    assert not [name for name in files_in(gcs, "delete-retries", "store/studies/") if f"/{study}/" in name]

@@ -351,7 +351,13 @@ class DicomWebStore(Store):
 
     # Deleting
 
-    def delete(self, study: str, series: str | None = None, sop: str | None = None) -> None:
+    def delete(
+        self,
+        study: str,
+        series: str | None = None,
+        sop: str | None = None,
+        listed: Sequence[InstanceRef] | None = None,
+    ) -> None:
         path = f"/studies/{study}" + (f"/series/{series}" if series else "")
         path += f"/instances/{sop}" if series and sop else ""
         response = self._request("DELETE", path)

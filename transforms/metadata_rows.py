@@ -11,10 +11,11 @@ from apache_beam.metrics import Metrics
 
 from transforms import NAMESPACE
 from transforms.dead_letter import failure
-from transforms.dicom_header import InvalidInstance, read_header
+from transforms.dicom_header import read_header
+from transforms.failures import item_failure
 from transforms.flatten import Flat, flatten
 from transforms.metadata_sink import with_event
-from transforms.objects import IO_ERRORS, MatchedFile, open_ranged
+from transforms.objects import MatchedFile, open_ranged
 from transforms.progress import Progress
 from transforms.store import InstanceRef, open_store
 
@@ -42,21 +43,17 @@ class StoreRows(beam.DoFn):
 
     def process(self, ref: InstanceRef) -> Iterator[Flat | beam.pvalue.TaggedOutput]:
         try:
-            dataset = self.store.dataset(ref)
-        except FileNotFoundError as error:
-            yield self._fail(ref, "not_found", f"the store holds no such instance: {error}")
-            return
-        except (*IO_ERRORS, InvalidInstance, ValueError) as error:
-            yield self._fail(ref, "read_error", f"{type(error).__name__}: {error}")
+            flat = flatten(self.store.dataset(ref), self.exclude_vrs)
+        except BaseException as error:  # item_failure re-raises interrupts
+            missing = isinstance(error, FileNotFoundError)
+            failed = item_failure(error, "not_found" if missing else "read_error")
+            self.failures.inc()
+            self.progress.add(failed.reason)
+            yield failure(ref.path(), "read", failed.reason, failed.detail)
             return
         self.success.inc()
         self.progress.add("success")
-        yield with_event(flatten(dataset, self.exclude_vrs), "CREATE", now())
-
-    def _fail(self, ref: InstanceRef, reason: str, detail: str) -> beam.pvalue.TaggedOutput:
-        self.failures.inc()
-        self.progress.add(reason)
-        return failure(ref.path(), "read", reason, detail)
+        yield with_event(flat, "CREATE", now())
 
     def teardown(self) -> None:
         self.store.close()
@@ -75,9 +72,9 @@ class StoredRows(beam.DoFn):
             return
         try:
             with open_ranged(MatchedFile(stored["uri"], stored["size"])) as stream:
-                dataset = read_header(stream, stored["size"]).dataset
-        except (*IO_ERRORS, InvalidInstance) as error:  # the file changed since it was stored
-            yield failure(stored["uri"], "metadata", "read_error", f"{type(error).__name__}: {error}")
+                flat = flatten(read_header(stream, stored["size"]).dataset, self.exclude_vrs)
+        except BaseException as error:  # the file changed since it was stored; interrupts re-raised
+            failed = item_failure(error, "read_error")
+            yield failure(stored["uri"], "metadata", failed.reason, failed.detail)
             return
-        flat = flatten(dataset, self.exclude_vrs)
         yield with_event(flat, "CREATE", now(), self.storage_class, stored["size"])

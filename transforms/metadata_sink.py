@@ -33,8 +33,18 @@ from schemas.bigquery import (
     to_bigquery,
 )
 from transforms import NAMESPACE
+from transforms.failures import RunFailed
 from transforms.flatten import Flat
-from transforms.objects import Lister, delete_tree, is_gcs, join, read_bytes, split_gcs, write_bytes
+from transforms.objects import (
+    Lister,
+    clean_staging,
+    delete_tree,
+    is_gcs,
+    join,
+    read_bytes,
+    split_gcs,
+    write_bytes,
+)
 
 BIGQUERY_TABLE = re.compile(
     r"bq://((?:[a-z0-9.-]+:)?[a-z][a-z0-9-]*[a-z0-9])\.([A-Za-z0-9_]+)\.([A-Za-z0-9_$-]+)"
@@ -57,7 +67,7 @@ WHERE row_rank = 1 AND IFNULL(Type, '') != 'DELETE'
 """
 
 
-class DestinationRefused(RuntimeError):
+class DestinationRefused(RunFailed):
     """The destination cannot take this run's rows (not empty under WRITE_EMPTY, a column retyped)."""
 
 
@@ -236,6 +246,9 @@ class WriteParquet(beam.DoFn):
         self.directory = directory
         self.run_name = run_name
 
+    def setup(self) -> None:
+        clean_staging(self.directory)
+
     def start_bundle(self) -> None:
         self.rows: list[dict[str, Any]] = []
 
@@ -254,7 +267,7 @@ class WriteParquet(beam.DoFn):
         buffer = io.BytesIO()
         pq.write_table(table, buffer)
         path = join(self.directory, f"{self.run_name}-{uuid.uuid4().hex[:12]}.parquet")
-        write_bytes(path, buffer.getvalue())
+        write_bytes(path, buffer.getvalue(), root=self.directory)
         self.rows = []
         return path
 
@@ -264,8 +277,8 @@ def finish_parquet(written: list[str], directory: str, write_disposition: str, s
     if write_disposition == "WRITE_TRUNCATE":
         for path in set(_parquet_files(directory)) - set(written):
             delete_tree(path)
-    write_bytes(join(directory, "schema.json"), json.dumps(schema, indent=1).encode())
-    write_bytes(join(directory, "view.sql"), PARQUET_VIEW.encode())
+    write_bytes(join(directory, "schema.json"), json.dumps(schema, indent=1).encode(), root=directory)
+    write_bytes(join(directory, "view.sql"), PARQUET_VIEW.encode(), root=directory)
 
 
 def _write_bigquery(

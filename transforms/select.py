@@ -144,7 +144,7 @@ class DeleteTargets(beam.DoFn):
             return
         self.selected.inc(len(refs))
         try:
-            self.store.delete(target.study, target.series, target.sop)
+            self.store.delete(target.study, target.series, target.sop, listed=refs)
         except OSError as error:
             self.failures.inc(len(refs))
             for ref in refs:

@@ -11,26 +11,26 @@ Every pipeline reaches a store only through this interface, so each works on all
 from __future__ import annotations
 
 import abc
+import contextlib
+import os
 import re
+import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 from pydicom.dataset import Dataset
 
-from transforms.objects import MatchedFile, write_bytes
+from transforms.failures import RunFailed
+from transforms.objects import MatchedFile, copy
 
 HEALTHCARE_STORE = re.compile(r"projects/[^/]+/locations/[^/]+/datasets/[^/]+/dicomStores/[^/]+")
 STORAGE_CLASSES = ("STANDARD", "NEARLINE", "COLDLINE", "ARCHIVE")
 SUCCESS, ALREADY_PRESENT, FAILURE = "success", "already_present", "failure"
 
 
-class StoreUnavailable(RuntimeError):
-    """The store as a whole cannot be used (unreachable, credentials refused, no such store).
-
-    Raised rather than dead-lettered: every other instance would fail the same way, so the
-    pipeline stops (exit 1) with this message, which names the store and never a secret.
-    """
+class StoreUnavailable(RunFailed):
+    """The store as a whole cannot be used (unreachable, credentials refused, no such store)."""
 
 
 class InstanceRef(NamedTuple):
@@ -101,12 +101,28 @@ class Store(abc.ABC):
             warnings.simplefilter("ignore")
             return Dataset.from_json(metadata, bulk_data_uri_handler=lambda *_: b"")
 
-    def copy_instance(self, ref: InstanceRef, destination: str) -> int:
-        """Write the instance, unchanged, to a local or gs:// file; the bytes that passed through
-        this worker (stores that can copy without them override this)."""
+    def copy_instance(self, ref: InstanceRef, destination: str, root: str) -> int:
+        """Write the instance, unchanged, to a local or gs:// file under `root` (an export's
+        output); the bytes that passed through this worker (stores that can copy without them
+        override this)."""
+        with self.spool(ref) as path:
+            copy(path, destination, root=root)
+            return os.path.getsize(path)
+
+    @contextlib.contextmanager
+    def spool(self, ref: InstanceRef) -> Iterator[str]:
+        """The instance as a local file, to read it without holding it in memory; removed after
+        use unless it is the stored file itself. FileNotFoundError if the store lacks it."""
         data = self.read(ref)
-        write_bytes(destination, data)
-        return len(data)
+        with tempfile.TemporaryDirectory(prefix="dicom-etl-") as directory:
+            path = os.path.join(directory, "instance.dcm")
+            with open(path, "wb") as handle:
+                handle.write(data)
+            del data
+            yield path
+
+    def remove_leftovers(self) -> None:  # noqa: B027 - only stores that stage files need it
+        """Remove what a killed run of ours left in the store (staging files), not a live run's."""
 
     def blob_info(self, ref: InstanceRef) -> BlobInfo:
         """The stored object's size and storage class, as far as this kind of store can tell."""
@@ -118,8 +134,18 @@ class Store(abc.ABC):
         BulkDataURI (as WADO-RS metadata does), never inline."""
 
     @abc.abstractmethod
-    def delete(self, study: str, series: str | None = None, sop: str | None = None) -> None:
-        """Delete a study, a series or an instance; deleting what is not there is not an error."""
+    def delete(
+        self,
+        study: str,
+        series: str | None = None,
+        sop: str | None = None,
+        listed: Sequence[InstanceRef] | None = None,
+    ) -> None:
+        """Delete a study, a series or an instance; deleting what is not there is not an error.
+
+        `listed`: the instances the caller found under the study or series, if it listed them, so
+        that a store which deletes instance by instance need not list again.
+        """
 
     def close(self) -> None:  # noqa: B027 - only stores holding connections need it
         """Release connections."""

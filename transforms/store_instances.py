@@ -10,7 +10,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import apache_beam as beam
@@ -19,8 +19,9 @@ from apache_beam.transforms.window import GlobalWindows
 
 from transforms import NAMESPACE
 from transforms.dead_letter import failure
-from transforms.dicom_header import InvalidInstance, read_header
-from transforms.objects import IO_ERRORS, MatchedFile, open_ranged
+from transforms.dicom_header import read_header
+from transforms.failures import item_failure
+from transforms.objects import MatchedFile, open_ranged
 from transforms.progress import Progress
 from transforms.store import FAILURE, SUCCESS, InstanceRef, Parsed, Written, open_store
 
@@ -41,13 +42,10 @@ class ParseInstances(beam.DoFn):
             with open_ranged(file) as stream:
                 header = read_header(stream, file.size)
                 self.bytes_read.inc(stream.raw.bytes_fetched)
-        except InvalidInstance as error:
+        except BaseException as error:  # item_failure re-raises interrupts
+            failed = item_failure(error, "read_error")
             self.failures.inc()
-            yield failure(file.uri, "parse", error.reason, error.detail)
-            return
-        except IO_ERRORS as error:
-            self.failures.inc()
-            yield failure(file.uri, "parse", "read_error", f"{type(error).__name__}: {error}")
+            yield failure(file.uri, "parse", failed.reason, failed.detail)
             return
         ref = InstanceRef(header.study_uid, header.series_uid, header.sop_uid)
         yield ref.sop, Parsed(file, ref)
@@ -81,6 +79,7 @@ class WriteInstances(beam.DoFn):
         self.store = open_store(
             self.location, self.storage_class, self.verify_stored, self.max_requests_in_flight
         )
+        self.store.remove_leftovers()
         self.pool = concurrent.futures.ThreadPoolExecutor(IN_FLIGHT)
         self.progress = Progress("import_dicom")
 
@@ -93,7 +92,7 @@ class WriteInstances(beam.DoFn):
         first, *others = sorted(element[1], key=lambda item: item.file.uri)
         if others:  # the same SOP Instance UID in several files: one after the other
             for item in [first, *others]:
-                yield from self._outputs([item], self.store.write([item]))
+                yield from self._outputs([item], _results([item], self.store.write, [item]))
             return
         if self.batch and (
             len(self.batch) >= MAX_BATCH_INSTANCES or self.batch_bytes + first.file.size > MAX_BATCH_BYTES
@@ -127,7 +126,7 @@ class WriteInstances(beam.DoFn):
 
     def _collect(self) -> Iterator[Any]:
         batch, future = self.writing.popleft()
-        yield from self._outputs(batch, future.result())
+        yield from self._outputs(batch, _results(batch, future.result))
 
     def _outputs(self, batch: list[Parsed], results: list[Written]) -> Iterator[Any]:
         for item, written in zip(batch, results, strict=True):
@@ -147,3 +146,13 @@ class WriteInstances(beam.DoFn):
                 "series_uid": item.ref.series,
                 "sop_uid": item.ref.sop,
             }
+
+
+def _results(batch: list[Parsed], write: Callable[..., list[Written]], *args: Any) -> list[Written]:
+    """What `write(*args)` made of the batch; if it raised, each instance's write_error (a store
+    that is unusable as a whole raises RunFailed, which stops the run instead)."""
+    try:
+        return write(*args)
+    except BaseException as error:  # item_failure re-raises interrupts and RunFailed
+        failed = item_failure(error, "write_error")
+        return [Written(FAILURE, item.file.uri, failed.reason, failed.detail) for item in batch]
