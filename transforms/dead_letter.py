@@ -55,6 +55,9 @@ class _WriteJsonLines(beam.DoFn):
     def setup(self) -> None:
         clean_staging(self.directory)
 
+    def teardown(self) -> None:
+        clean_staging(self.directory)  # the staging directory, once empty
+
     def start_bundle(self) -> None:
         self.lines: list[str] = []
 

@@ -72,7 +72,7 @@ def _parse(stream: BinaryIO, size: int) -> Dataset:
     try:
         try:
             dataset = pydicom.dcmread(
-                _Budget(stream), stop_before_pixels=True, defer_size=DEFER_BYTES, force=False
+                _Budget(stream, size), stop_before_pixels=True, defer_size=DEFER_BYTES, force=False
             )
         except _Deflated as deflated:  # pydicom would inflate the whole data set at once
             return _parse_deflated(stream, deflated.data_set_start)
@@ -103,8 +103,9 @@ class _Budget:
     only to inflate a deflated data set, which is done here instead, in bounded steps.
     """
 
-    def __init__(self, stream: BinaryIO) -> None:
+    def __init__(self, stream: BinaryIO, size: int) -> None:
         self.stream = stream
+        self.size = size
         self.name = getattr(stream, "name", None)
         self.left = MAX_HEADER_BYTES
 
@@ -112,6 +113,9 @@ class _Budget:
         if size is None or size < 0:
             raise _Deflated(self.stream.tell())
         if size > self.left:
+            position = self.stream.tell()
+            if position + size > self.size:  # a length that runs past the end: not a large value
+                raise ItemFailed("truncated", f"{size} bytes at {position}, but the file has {self.size}")
             raise ItemFailed("too_large", f"the header holds more than {MAX_HEADER_BYTES} bytes of values")
         data = self.stream.read(size)
         self.left -= len(data)
@@ -186,9 +190,10 @@ def check_inflated_size(stream: BinaryIO, limit: int) -> None:
     """Before a whole deflated instance is read: too_large if its data set inflates past `limit`
     (measured a chunk at a time, holding nothing), truncated if its stream ends early. Other files
     cost a walk of their header."""
+    size = stream.seek(0, io.SEEK_END)
     stream.seek(0)
     try:
-        pydicom.dcmread(_Budget(stream), stop_before_pixels=True, specific_tags=[0x00080005])
+        pydicom.dcmread(_Budget(stream, size), stop_before_pixels=True, specific_tags=[0x00080005])
         return
     except _Deflated as deflated:
         stream.seek(deflated.data_set_start)

@@ -98,3 +98,4 @@ class ExportInstances(beam.DoFn):
     def teardown(self) -> None:
         self.converter.close()
         self.store.close()
+        clean_staging(self.output)  # the staging directory, once empty

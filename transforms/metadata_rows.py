@@ -14,7 +14,7 @@ from transforms.dead_letter import failure
 from transforms.dicom_header import read_header
 from transforms.failures import item_failure
 from transforms.flatten import Flat, flatten
-from transforms.metadata_sink import with_event
+from transforms.metadata_sink import current_keys, with_event
 from transforms.objects import MatchedFile, open_ranged
 from transforms.progress import Progress
 from transforms.store import InstanceRef, open_store
@@ -59,22 +59,41 @@ class StoreRows(beam.DoFn):
         self.store.close()
 
 
+class WithoutCurrentRow(beam.DoFn):
+    """Batches of import records of already-present instances -> those whose instance has no
+    current row at `destination`: stored by a run that was stopped before it wrote their rows (or
+    before this destination was added). A re-run writes their rows, so after any interruption the
+    view again shows every stored instance, and a clean re-run adds no row."""
+
+    def __init__(self, destination: str) -> None:
+        self.destination = destination
+        self.missing = Metrics.counter(NAMESPACE, "metadata_rows_restored")
+
+    def process(self, batch: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        present = current_keys(self.destination, {record["sop_uid"] for record in batch})
+        for record in batch:
+            if (record["study_uid"], record["series_uid"], record["sop_uid"]) not in present:
+                self.missing.inc()
+                yield record
+
+
 class StoredRows(beam.DoFn):
-    """A record of a newly stored instance (import) -> its CREATE row, from the imported file's
-    header (the file is the instance, byte for byte), with its size and storage class."""
+    """A record of a stored instance (import) -> its CREATE row, from the imported file's header
+    (the file is the instance, byte for byte), with its size and storage class. A row that cannot
+    be made is a dead letter and counted: the run then exits 3."""
 
     def __init__(self, exclude_vrs: Collection[str], storage_class: str | None) -> None:
         self.exclude_vrs = frozenset(exclude_vrs)
         self.storage_class = storage_class
+        self.failures = Metrics.counter(NAMESPACE, "metadata_failures")
 
     def process(self, stored: dict[str, Any]) -> Iterator[Flat | beam.pvalue.TaggedOutput]:
-        if stored["outcome"] != "success":  # already there: its row was written when it was stored
-            return
         try:
             with open_ranged(MatchedFile(stored["uri"], stored["size"])) as stream:
                 flat = flatten(read_header(stream, stored["size"]).dataset, self.exclude_vrs)
         except BaseException as error:  # the file changed since it was stored; interrupts re-raised
             failed = item_failure(error, "read_error")
+            self.failures.inc()
             yield failure(stored["uri"], "metadata", failed.reason, failed.detail)
             return
         yield with_event(flat, "CREATE", now(), self.storage_class, stored["size"])

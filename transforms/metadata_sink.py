@@ -9,16 +9,18 @@ the same schema and rows as the Parquet path, which the tests cover end to end.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import io
 import json
 import re
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from typing import Any, NamedTuple
 
 import apache_beam as beam
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
@@ -37,11 +39,14 @@ from transforms.failures import RunFailed
 from transforms.flatten import Flat
 from transforms.objects import (
     Lister,
+    MatchedFile,
     clean_staging,
     delete_tree,
     is_gcs,
     join,
+    open_ranged,
     read_bytes,
+    size_of,
     split_gcs,
     write_bytes,
 )
@@ -52,7 +57,8 @@ BIGQUERY_TABLE = re.compile(
 WRITE_DISPOSITIONS = ("WRITE_EMPTY", "WRITE_TRUNCATE", "WRITE_APPEND")
 MAX_DESTINATIONS = 5
 ROWS_PER_FILE = 5000
-UIDS = "StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID"
+UID_COLUMNS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+UIDS = ", ".join(UID_COLUMNS)
 PARQUET_VIEW = f"""SELECT * EXCLUDE (row_rank) FROM (
   SELECT *, row_number() OVER (
     PARTITION BY {UIDS} ORDER BY LastUpdated DESC NULLS LAST) AS row_rank
@@ -249,6 +255,9 @@ class WriteParquet(beam.DoFn):
     def setup(self) -> None:
         clean_staging(self.directory)
 
+    def teardown(self) -> None:
+        clean_staging(self.directory)  # the staging directory, once empty
+
     def start_bundle(self) -> None:
         self.rows: list[dict[str, Any]] = []
 
@@ -279,6 +288,7 @@ def finish_parquet(written: list[str], directory: str, write_disposition: str, s
             delete_tree(path)
     write_bytes(join(directory, "schema.json"), json.dumps(schema, indent=1).encode(), root=directory)
     write_bytes(join(directory, "view.sql"), PARQUET_VIEW.encode(), root=directory)
+    clean_staging(directory)  # the staging directory, now empty
 
 
 def _write_bigquery(
@@ -356,3 +366,58 @@ def _bigquery_client() -> Any:
     from google.cloud import bigquery
 
     return bigquery.Client()
+
+
+def current_keys(location: str, sops: Collection[str]) -> set[tuple[str, str, str]]:
+    """Which of these SOP Instance UIDs have a current row at a destination: the (Study, Series,
+    SOP Instance UID) keys its view shows (latest row by LastUpdated, NULL lowest, not DELETE)."""
+    destination = Destination(location)
+    if destination.is_bigquery:
+        return _bigquery_current_keys(destination.table, sops)
+    latest: dict[tuple[str, str, str], tuple[datetime.datetime | None, str | None]] = {}
+    wanted = pa.array(sorted(sops), pa.string())
+    for path in _parquet_files(destination.location):
+        with _parquet_source(path) as source:
+            file = pq.ParquetFile(source)
+            columns = [c for c in (*UID_COLUMNS, "Type", "LastUpdated") if c in file.schema_arrow.names]
+            if not set(UID_COLUMNS) <= set(columns):
+                continue
+            for batch in file.iter_batches(columns=columns):
+                batch = batch.filter(pc.is_in(batch["SOPInstanceUID"], value_set=wanted))
+                for row in batch.to_pylist():
+                    key = (row["StudyInstanceUID"], row["SeriesInstanceUID"], row["SOPInstanceUID"])
+                    event = (row.get("LastUpdated"), row.get("Type"))
+                    if key not in latest or _later(event[0], latest[key][0]):
+                        latest[key] = event
+    return {key for key, (_, kind) in latest.items() if kind != "DELETE"}
+
+
+def _later(when: datetime.datetime | None, than: datetime.datetime | None) -> bool:
+    return when is not None and (than is None or when > than)
+
+
+@contextlib.contextmanager
+def _parquet_source(path: str) -> Iterator[Any]:
+    """A Parquet file to read a few columns of, by ranged reads where it is in GCS."""
+    if not is_gcs(path):
+        yield path
+        return
+    size = size_of(path)
+    if size is None:
+        raise FileNotFoundError(path)
+    with open_ranged(MatchedFile(path, size)) as stream:
+        yield stream
+
+
+def _bigquery_current_keys(table: str, sops: Collection[str]) -> set[tuple[str, str, str]]:
+    from google.api_core.exceptions import NotFound
+    from google.cloud import bigquery
+
+    query = f"SELECT {UIDS} FROM `{table}_view` WHERE SOPInstanceUID IN UNNEST(@sops)"
+    parameters = [bigquery.ArrayQueryParameter("sops", "STRING", sorted(sops))]
+    config = bigquery.QueryJobConfig(query_parameters=parameters)
+    try:
+        rows = _bigquery_client().query(query, job_config=config).result()
+    except NotFound:  # no table (or view) yet: no rows
+        return set()
+    return {(row[0], row[1], row[2]) for row in rows}

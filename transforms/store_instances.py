@@ -92,7 +92,9 @@ class WriteInstances(beam.DoFn):
         first, *others = sorted(element[1], key=lambda item: item.file.uri)
         if others:  # the same SOP Instance UID in several files: one after the other
             for item in [first, *others]:
-                yield from self._outputs([item], _results([item], self.store.write, [item]))
+                yield from self._outputs(
+                    [item], _results([item], self.store.write, [item]), item is not first
+                )
             return
         if self.batch and (
             len(self.batch) >= MAX_BATCH_INSTANCES or self.batch_bytes + first.file.size > MAX_BATCH_BYTES
@@ -111,6 +113,7 @@ class WriteInstances(beam.DoFn):
 
     def teardown(self) -> None:
         self.pool.shutdown()
+        self.store.remove_leftovers()  # the staging directory, once empty
         self.store.close()
 
     def _submit(self) -> Iterator[Any]:
@@ -128,7 +131,9 @@ class WriteInstances(beam.DoFn):
         batch, future = self.writing.popleft()
         yield from self._outputs(batch, _results(batch, future.result))
 
-    def _outputs(self, batch: list[Parsed], results: list[Written]) -> Iterator[Any]:
+    def _outputs(self, batch: list[Parsed], results: list[Written], repeated: bool = False) -> Iterator[Any]:
+        """Counters, dead letters and a record per stored file; `repeated`: a file with the SOP
+        Instance UID of one written just before in this run."""
         for item, written in zip(batch, results, strict=True):
             self.counters[written.outcome].inc()
             self.progress.add(written.outcome if written.outcome != FAILURE else written.reason)
@@ -145,6 +150,7 @@ class WriteInstances(beam.DoFn):
                 "study_uid": item.ref.study,
                 "series_uid": item.ref.series,
                 "sop_uid": item.ref.sop,
+                "repeated": repeated,
             }
 
 
