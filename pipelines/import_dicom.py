@@ -59,6 +59,12 @@ class ImportDicomOptions(PipelineOptions):
             help="DICOMweb stores: after each STOW-RS, check with QIDO-RS that every instance the "
             "server acknowledged is there (for servers that may drop what they acknowledge).",
         )
+        parser.add_argument(
+            "--max_requests_in_flight",
+            type=int,
+            help="DICOMweb stores: the most requests each worker process has out at once, to keep "
+            "within a per-minute quota (default: no cap beyond the writers' own).",
+        )
 
 
 # The options this pipeline takes, for its Dataflow template: name -> required. The template's metadata.json
@@ -68,6 +74,7 @@ OPTIONS: dict[str, bool] = {
     "store": True,
     "storage_class": False,
     "verify_stored": False,
+    "max_requests_in_flight": False,
     "dead_letter": False,
     "metadata_destination": False,
     "max_columns": False,
@@ -97,6 +104,13 @@ def parse(argv: Sequence[str]) -> PipelineOptions:
             raise OptionError("storage_class", f"must be one of {', '.join(STORAGE_CLASSES)}")
         if store_kind(shared.store) == "files":
             raise OptionError("storage_class", "applies to DICOMweb and Cloud Healthcare API stores only")
+    if mine.max_requests_in_flight is not None:
+        if mine.max_requests_in_flight < 1:
+            raise OptionError("max_requests_in_flight", "must be a positive number")
+        if store_kind(shared.store) == "files":
+            raise OptionError(
+                "max_requests_in_flight", "applies to DICOMweb and Cloud Healthcare API stores only"
+            )
     shared.metadata_destination = check_destinations(
         "metadata_destination", shared.metadata_destination, options
     )
@@ -132,9 +146,9 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions) -> None:
         parsed.parsed
         | "BySopInstanceUid" >> beam.GroupByKey()
         | "Store"
-        >> beam.ParDo(WriteInstances(shared.store, mine.storage_class, mine.verify_stored)).with_outputs(
-            DEAD_LETTER, main="stored"
-        )
+        >> beam.ParDo(
+            WriteInstances(shared.store, mine.storage_class, mine.verify_stored, mine.max_requests_in_flight)
+        ).with_outputs(DEAD_LETTER, main="stored")
     )
     failures = [expanded[DEAD_LETTER], parsed[DEAD_LETTER], stored[DEAD_LETTER]]
     name = run_name("import_dicom")

@@ -14,6 +14,7 @@ import pytest
 from google.cloud import storage
 
 from tests.gcs_emulator import running_emulator
+from tests.healthcare_server import HealthcareApi, running_healthcare_api
 from tests.orthanc_server import Orthanc, running_orthanc
 
 
@@ -64,6 +65,15 @@ def orthanc(orthanc_server: Orthanc, monkeypatch: pytest.MonkeyPatch) -> Orthanc
     monkeypatch.setenv("DICOMWEB_USERNAME", orthanc_server.username)
     monkeypatch.setenv("DICOMWEB_PASSWORD", orthanc_server.password)
     return orthanc_server
+
+
+@pytest.fixture
+def healthcare(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HealthcareApi]:
+    """The Healthcare API stand-in (v1) on loopback, and credentials and an API root pointing at it."""
+    with running_healthcare_api(tmp_path) as (api, environment):
+        for name, value in environment.items():
+            monkeypatch.setenv(name, value)
+        yield api
 
 
 def stored_instances(store: Path) -> dict[str, Path]:

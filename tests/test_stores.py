@@ -10,6 +10,7 @@ import pydicom
 import pytest
 import requests
 
+from tests.healthcare_server import STORE
 from tests.orthanc_server import Orthanc
 from transforms.dicom_header import read_header
 from transforms.dicomweb import data_set_bytes, multipart, parse_stow_response
@@ -40,9 +41,9 @@ def sample() -> list[Parsed]:
     return [parsed(path) for path in sorted(SAMPLE.rglob("*.dcm"))]
 
 
-@pytest.fixture(params=["local", "gcs", "orthanc"])
+@pytest.fixture(params=["local", "gcs", "orthanc", "healthcare"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    """An empty store of each kind."""
+    """An empty store of each kind (the Healthcare API's is the stand-in of tests/healthcare_server.py)."""
     if request.param == "local":
         location = str(tmp_path / "store")
     elif request.param == "gcs":
@@ -50,8 +51,11 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
         bucket = f"store-{abs(hash(tmp_path)) % 10**8}"
         client.create_bucket(bucket)
         location = f"gs://{bucket}/stores/one"
-    else:
+    elif request.param == "orthanc":
         location = request.getfixturevalue("orthanc").dicomweb
+    else:
+        request.getfixturevalue("healthcare")
+        location = STORE
     store = open_store(location)
     yield store
     store.close()

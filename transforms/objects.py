@@ -5,6 +5,12 @@ google-cloud-storage rather than Beam's gcsio because we need what gcsio does no
 listings, small ranged reads (gcsio reads 16 MB buffers, more than most DICOM files) and
 create-only uploads (`if_generation_match=0`).
 
+Every GCS call passes GCS_RETRY (429, 5xx and connection errors, with exponential backoff) where
+repeating it is harmless: reads, and writes to a fixed name (an upload or server-side rewrite there
+ends with the same object however often it is repeated; a create-only one fails the repeat with 412,
+which reads as "exists"). google-cloud-storage retries uploads and deletes by default only since 3.0,
+and `Blob.rewrite` only with a generation precondition in any version, hence explicit retries.
+
 Local files are never seen half written: each is written under its root's staging directory
 (`{root}/.dicom-etl-tmp/`, the root being a store, an export output, a table or a dead-letter
 directory) and then linked or renamed into place, with the modes the umask gives. A staging file is
@@ -30,7 +36,9 @@ from typing import BinaryIO, NamedTuple
 import google_crc32c
 from google.api_core import exceptions as gcs_errors
 from google.cloud import storage
+from google.cloud.storage.retry import DEFAULT_RETRY
 
+GCS_RETRY = DEFAULT_RETRY  # google-cloud-storage's own: 429, 5xx, connection errors; 120 s in all
 IO_ERRORS = (OSError, gcs_errors.GoogleAPIError)  # what reading or writing a file or object may raise
 READ_BUFFER = 64 * 1024  # one ranged request covers the header of most instances
 READ_WHOLE_BELOW = 256 * 1024  # smaller files are read in one request: round trips cost more than bytes
@@ -206,7 +214,9 @@ def open_ranged(file: MatchedFile) -> io.BufferedReader:
         blob = _blob(file.uri)
 
         def fetch(start: int, end: int) -> bytes:
-            return blob.download_as_bytes(start=start, end=end - 1, raw_download=True, checksum=None)
+            return blob.download_as_bytes(
+                start=start, end=end - 1, raw_download=True, checksum=None, retry=GCS_RETRY
+            )
 
         return io.BufferedReader(RangedFile(file.uri, fetch, file.size), buffer_size)
     descriptor = os.open(file.uri, os.O_RDONLY)
@@ -253,7 +263,7 @@ def copy(source: str, destination: str, *, root: str, create_only: bool = False)
 
     def fill(handle: BinaryIO) -> None:
         if is_gcs(source):
-            _blob(source).download_to_file(handle, raw_download=True)
+            _blob(source).download_to_file(handle, raw_download=True, retry=GCS_RETRY)
         else:
             with open(source, "rb") as original:
                 shutil.copyfileobj(original, handle, 1 << 20)
@@ -267,7 +277,9 @@ def write_bytes(uri: str, data: bytes, *, root: str, create_only: bool = False) 
     if is_gcs(uri):
         condition = {"if_generation_match": 0} if create_only else {}
         try:
-            _blob(uri).upload_from_string(data, content_type="application/octet-stream", **condition)
+            _blob(uri).upload_from_string(
+                data, content_type="application/octet-stream", retry=GCS_RETRY, **condition
+            )
         except gcs_errors.PreconditionFailed:
             return False
         return True
@@ -358,11 +370,11 @@ def _copy_to_gcs(source: str, destination: str, create_only: bool) -> bool:
     condition = {"if_generation_match": 0} if create_only else {}
     try:
         if is_gcs(source):
-            token, _, _ = target.rewrite(_blob(source), **condition)
+            token, _, _ = target.rewrite(_blob(source), retry=GCS_RETRY, **condition)
             while token is not None:
-                token, _, _ = target.rewrite(_blob(source), token=token, **condition)
+                token, _, _ = target.rewrite(_blob(source), token=token, retry=GCS_RETRY, **condition)
         else:
-            target.upload_from_filename(source, **condition)
+            target.upload_from_filename(source, retry=GCS_RETRY, **condition)
     except gcs_errors.PreconditionFailed:
         return False
     return True
@@ -371,7 +383,7 @@ def _copy_to_gcs(source: str, destination: str, create_only: bool) -> bool:
 def download(uri: str, path: str) -> None:
     """An object, unchanged, into a local file; FileNotFoundError if there is none."""
     try:
-        _blob(uri).download_to_filename(path, raw_download=True)
+        _blob(uri).download_to_filename(path, raw_download=True, retry=GCS_RETRY)
     except gcs_errors.NotFound:
         raise FileNotFoundError(uri) from None
 
@@ -389,7 +401,7 @@ def read_bytes(uri: str) -> bytes:
     """The whole file or object; FileNotFoundError if there is none."""
     if is_gcs(uri):
         try:
-            return _blob(uri).download_as_bytes(raw_download=True)
+            return _blob(uri).download_as_bytes(raw_download=True, retry=GCS_RETRY)
         except gcs_errors.NotFound:
             raise FileNotFoundError(uri) from None
     with open(uri, "rb") as handle:
@@ -403,8 +415,8 @@ def delete_tree(uri: str) -> None:
         client = gcs_client()
         for blob in client.list_blobs(bucket, prefix=name):
             if blob.name == name or blob.name.startswith(name.rstrip("/") + "/"):
-                with contextlib.suppress(gcs_errors.NotFound):
-                    blob.delete()
+                with contextlib.suppress(gcs_errors.NotFound):  # gone already, or by a repeat
+                    blob.delete(retry=GCS_RETRY)
         return
     if os.path.isdir(uri):
         shutil.rmtree(uri)

@@ -160,19 +160,27 @@ def store_kind(location: str) -> str:
     return "files"
 
 
-def open_store(location: str, storage_class: str | None = None, verify_stored: bool = False) -> Store:
+def open_store(
+    location: str,
+    storage_class: str | None = None,
+    verify_stored: bool = False,
+    max_requests_in_flight: int | None = None,
+) -> Store:
     """The store at `location`; network stores read their credentials here, on the worker.
 
-    `storage_class` and `verify_stored` concern DICOMweb stores (see transforms/dicomweb.py).
+    `storage_class`, `verify_stored` and `max_requests_in_flight` concern DICOMweb stores (see
+    transforms/dicomweb.py and transforms/healthcare_api.py).
     """
     kind = store_kind(location)
     if kind == "files":
         from transforms.file_store import FileLayoutStore
 
         return FileLayoutStore(location)
+    if kind == "healthcare":
+        from transforms.healthcare_api import healthcare_store
+
+        return healthcare_store(location, storage_class, verify_stored, max_requests_in_flight)
     from transforms import dicomweb
 
-    if kind == "healthcare":
-        return dicomweb.healthcare_store(location, storage_class, verify_stored)
     session = dicomweb.session_from_environment()
-    return dicomweb.DicomWebStore(location, session, storage_class, verify_stored)
+    return dicomweb.DicomWebStore(location, session, storage_class, verify_stored, max_requests_in_flight)

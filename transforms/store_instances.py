@@ -59,17 +59,26 @@ class WriteInstances(beam.DoFn):
     the DoFn's own thread, where Beam's metrics are recorded.
     """
 
-    def __init__(self, location: str, storage_class: str | None = None, verify_stored: bool = False) -> None:
+    def __init__(
+        self,
+        location: str,
+        storage_class: str | None = None,
+        verify_stored: bool = False,
+        max_requests_in_flight: int | None = None,
+    ) -> None:
         self.location = location
         self.storage_class = storage_class
         self.verify_stored = verify_stored
+        self.max_requests_in_flight = max_requests_in_flight
         self.counters = {
             name: Metrics.counter(NAMESPACE, name)
             for name in ("success", "already_present", "failure", "bytes_stored")
         }
 
     def setup(self) -> None:
-        self.store = open_store(self.location, self.storage_class, self.verify_stored)
+        self.store = open_store(
+            self.location, self.storage_class, self.verify_stored, self.max_requests_in_flight
+        )
         self.store.remove_leftovers()
         self.pool = concurrent.futures.ThreadPoolExecutor(IN_FLIGHT)
         self.progress = Progress("import_dicom")
