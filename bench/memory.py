@@ -122,7 +122,8 @@ BASELINES = {
     "frames": "import sys, pydicom; ds = pydicom.dcmread(sys.argv[1]); "
     "[open(f'{sys.argv[2]}_{i}.bin', 'wb').write(f.tobytes()) for i, f in enumerate(ds.pixel_array)]",
     "png": "import sys, pydicom; from PIL import Image; ds = pydicom.dcmread(sys.argv[1]); "
-    "[Image.fromarray((f >> 4).astype('uint8')).save(f'{sys.argv[2]}_{i}.png') for i, f in enumerate(ds.pixel_array)]",
+    "[Image.fromarray((f >> 4).astype('uint8')).save(f'{sys.argv[2]}_{i}.png') "
+    "for i, f in enumerate(ds.pixel_array)]",
     "transcode": f"import sys, pydicom; ds = pydicom.dcmread(sys.argv[1]); ds.compress('{RLE}'); "
     "ds.save_as(sys.argv[2])",
     "stow": "import os, sys, uuid, requests; data = open(sys.argv[1], 'rb').read(); b = uuid.uuid4().hex; "
@@ -137,27 +138,23 @@ def measure(name: str, file: Path, work: Path, orthanc: Orthanc, target: float) 
     """Every pipeline on `file`, each beside its baseline; one JSON line each."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DICOMWEB_USERNAME": orthanc.username}
     env["DICOMWEB_PASSWORD"] = orthanc.password
-    python = [sys.executable, "-m"]
-    store, dicomweb = str(work / f"{name}-store"), orthanc.dicomweb
-    source = str(file)
-    cases = [
-        ("import_dicom", ["pipelines.import_dicom", f"--input={file}", f"--store={store}"], "copy",
-         [source, str(work / f"{name}-copy.dcm")]),
-        ("import_dicom_dicomweb", ["pipelines.import_dicom", f"--input={file}", f"--store={dicomweb}"],
-         "stow", [source, dicomweb]),
-        ("export_metadata", ["pipelines.export_metadata", f"--store={store}", f"--destination={work}/{name}-meta"],
-         "header", [source]),
-        ("export_dicom_octet_stream", ["pipelines.export_dicom", f"--store={store}", f"--output={work}/{name}-bin",
-         "--file_type=octet-stream"], "frames", [source, str(work / f"{name}-frames")]),
-        ("export_dicom_png", ["pipelines.export_dicom", f"--store={store}", f"--output={work}/{name}-png",
-         "--file_type=png"], "png", [source, str(work / f"{name}-pngs")]),
-        ("export_dicom_rle", ["pipelines.export_dicom", f"--store={store}", f"--output={work}/{name}-rle",
-         f"--transfer_syntax={RLE}"], "transcode", [source, str(work / f"{name}-rle.dcm")]),
-        ("export_dicom_from_dicomweb", ["pipelines.export_dicom", f"--store={dicomweb}",
-         f"--output={work}/{name}-web", "--file_type=octet-stream"], "frames", [source, str(work / f"{name}-f2")]),
+    store, web, out = f"--store={work}/{name}-store", f"--store={orthanc.dicomweb}", f"--output={work}/{name}"
+    source, copy, root, meta = str(file), str(work / f"{name}-copy"), orthanc.dicomweb, f"{work}/{name}-meta"
+    cases = [  # metric, pipeline and options, baseline, the baseline's arguments
+        ("import_dicom", ["import_dicom", f"--input={file}", store], "copy", [source, copy]),
+        ("import_dicom_dicomweb", ["import_dicom", f"--input={file}", web], "stow", [source, root]),
+        ("export_metadata", ["export_metadata", store, f"--destination={meta}"], "header", [source]),
+        ("export_dicom_octet_stream", ["export_dicom", store, f"{out}-bin", "--file_type=octet-stream"],
+         "frames", [source, copy]),
+        ("export_dicom_png", ["export_dicom", store, f"{out}-png", "--file_type=png"], "png", [source, copy]),
+        ("export_dicom_rle", ["export_dicom", store, f"{out}-rle", f"--transfer_syntax={RLE}"],
+         "transcode", [source, f"{copy}.dcm"]),
+        ("export_dicom_from_dicomweb", ["export_dicom", web, f"{out}-web", "--file_type=octet-stream"],
+         "frames", [source, copy]),
     ]  # fmt: skip
-    for metric, ours, baseline, arguments in cases:
-        our_peak, status, summary = peak_mib([*python, *ours, f"--dead_letter={work}/dl"], work, env)
+    for metric, (pipeline, *options), baseline, arguments in cases:
+        ours = [sys.executable, "-m", f"pipelines.{pipeline}", *options, f"--dead_letter={work}/dl"]
+        our_peak, status, summary = peak_mib(ours, work, env)
         base_peak, _, _ = peak_mib([sys.executable, "-c", BASELINES[baseline], *arguments], work, env)
         line = {"bench": "memory", "metric": f"{metric}_{name}_peak_rss_mib", "ours": round(our_peak),
                 "baseline": round(base_peak), "ratio": round(our_peak / base_peak, 3) if base_peak else None,
