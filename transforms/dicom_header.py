@@ -14,6 +14,7 @@ images stripped of their pixels this way), so it is accepted.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import re
@@ -202,6 +203,35 @@ def check_inflated_size(stream: BinaryIO, limit: int) -> None:
 
 def _too_large_inflated() -> ItemFailed:
     return ItemFailed("too_large", f"the header inflates to more than {MAX_HEADER_BYTES} bytes")
+
+
+def data_set_digest(stream: BinaryIO) -> str:
+    """SHA-256 of a Part 10 file's data set, the preamble and file meta group (which servers may
+    rewrite) left out; read in chunks, so any size costs a buffer."""
+    stream.seek(data_set_start(stream))
+    digest = hashlib.sha256()
+    while chunk := stream.read(INFLATE_CHUNK):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def data_set_start(stream: BinaryIO) -> int:
+    """The offset where a Part 10 file's data set begins: after the preamble, `DICM` and the file
+    meta group's elements (explicit VR little endian, whatever the data set's syntax); 0 for a
+    file without them."""
+    stream.seek(128)
+    if stream.read(4) != b"DICM":
+        return 0
+    position = 132
+    while True:
+        stream.seek(position)
+        head = stream.read(12)
+        if len(head) < 8 or head[:2] != b"\x02\x00":
+            return position
+        if head[4:6] in LONG_LENGTH_VRS:
+            position += 12 + struct.unpack("<L", head[8:12])[0]
+        else:
+            position += 8 + struct.unpack("<H", head[6:8])[0]
 
 
 def valid_uid(value: str) -> bool:

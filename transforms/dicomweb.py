@@ -25,9 +25,9 @@ import logging
 import os
 import random
 import re
+import tempfile
 import threading
 import time
-import uuid
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
@@ -38,8 +38,10 @@ from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
 from transforms import NAMESPACE
-from transforms.dicom_header import LONG_LENGTH_VRS
-from transforms.objects import read_bytes
+from transforms.dicom_header import data_set_digest
+from transforms.failures import describe
+from transforms.multipart import CHUNK, SOURCE_BUFFER, MultipartBody, SourceUnreadable, save_single_part
+from transforms.objects import MatchedFile, open_ranged
 from transforms.store import (
     ALREADY_PRESENT,
     FAILURE,
@@ -201,19 +203,17 @@ class DicomWebStore(Store):
         refuses it without saying which instance it refuses."""
         if not items:
             return {}
-        try:
-            body, content_type = multipart([read_bytes(item.file.uri) for _, item in items])
-        except OSError as error:  # some file cannot be read: send one by one to find which
-            if len(items) == 1:
-                location = self.root + items[0][1].ref.path()
-                detail = f"{type(error).__name__}: {error}"
-                return {items[0][0]: Written(FAILURE, location, "read_error", detail)}
-            return {k: v for pair in items for k, v in self._stow([pair]).items()}
-        headers = {"Content-Type": content_type, "Accept": "application/dicom+json"}
+        body = MultipartBody([item.file for _, item in items])  # read from the files as it is sent
+        headers = {"Content-Type": body.content_type, "Accept": "application/dicom+json"}
         if self.storage_class:
             headers["Storage-Class"] = self.storage_class
-        response = self._request("POST", "/studies", data=body, headers=headers)
-        del body
+        try:
+            with body:
+                response = self._request("POST", "/studies", data=body, headers=headers)
+        except SourceUnreadable as unreadable:  # that file fails; the others are sent again
+            index, item = items[unreadable.index]
+            failed = Written(FAILURE, self.root + item.ref.path(), "read_error", describe(unreadable.error))
+            return {index: failed, **self._stow(items[: unreadable.index] + items[unreadable.index + 1 :])}
         status = response.status_code
         if status in (404, 405, 501):
             raise StoreUnavailable(f"no STOW-RS service at {self.root}/studies (HTTP {status})")
@@ -278,15 +278,17 @@ class DicomWebStore(Store):
         `server` is what STOW-RS said of it, if it was sent."""
         location = self.root + stored.path()
         try:
-            same = stored == item.ref and data_set_bytes(self.read(stored)) == data_set_bytes(
-                read_bytes(item.file.uri)
-            )
+            same = stored == item.ref and self._digest(stored) == _file_digest(item.file)
         except OSError as error:
-            return Written(FAILURE, location, "read_error", f"{type(error).__name__}: {error}")
+            return Written(FAILURE, location, "read_error", describe(error))
         if same:
             return Written(ALREADY_PRESENT, location)
         detail = f"{location} holds a different data set for SOP Instance UID {item.ref.sop}"
         return Written(FAILURE, location, "conflict", detail + (f" (STOW-RS: {server})" if server else ""))
+
+    def _digest(self, ref: InstanceRef) -> str:
+        with self.spool(ref) as path, open(path, "rb") as stored:
+            return data_set_digest(stored)
 
     def _stored_refs(self, sops: Sequence[str]) -> dict[str, InstanceRef]:
         """Which of these SOP Instance UIDs the store holds, under any study and series."""
@@ -333,15 +335,31 @@ class DicomWebStore(Store):
         self.listed += len(page)
         return page
 
-    def read(self, ref: InstanceRef) -> bytes:
-        response = self._request("GET", ref.path(), headers={"Accept": DICOM_PART})
-        if response.status_code == 404:
-            raise FileNotFoundError(f"{self.root}{ref.path()}")
-        _check(response, ref.path())
-        parts = split_multipart(response.content, response.headers.get("Content-Type", ""))
-        if len(parts) != 1:
-            raise RequestFailed(f"{self.root}{ref.path()}: expected one instance, got {len(parts)} parts")
-        return parts[0]
+    @contextlib.contextmanager
+    def spool(self, ref: InstanceRef) -> Iterator[str]:
+        """WADO-RS in the stored transfer syntax, written to a temporary file as it arrives; an
+        answer that breaks off is asked again."""
+        with tempfile.TemporaryDirectory(prefix="dicom-etl-") as directory:
+            path = os.path.join(directory, "instance.dcm")
+            for attempt in range(1, BROKEN_BODY_ATTEMPTS + 1):
+                response = self._request("GET", ref.path(), headers={"Accept": DICOM_PART}, stream=True)
+                try:
+                    if response.status_code == 404:
+                        raise FileNotFoundError(f"{self.root}{ref.path()}")
+                    _check(response, ref.path())
+                    with open(path, "wb") as out:
+                        chunks = response.iter_content(CHUNK)
+                        save_single_part(chunks, response.headers.get("Content-Type", ""), out)
+                    break
+                except ValueError as error:
+                    raise RequestFailed(f"{self.root}{ref.path()}: {error}") from None
+                except requests.RequestException as error:  # the answer broke off
+                    if attempt == BROKEN_BODY_ATTEMPTS:
+                        raise RequestFailed(f"GET {self.root}{ref.path()}: {type(error).__name__}") from None
+                    time.sleep(_backoff(attempt, BACKOFF, BACKOFF_MAX))
+                finally:
+                    response.close()
+            yield path
 
     def metadata(self, ref: InstanceRef) -> dict[str, Any]:
         found = self._json("GET", f"{ref.path()}/metadata")
@@ -417,8 +435,12 @@ class DicomWebStore(Store):
         repeat a 429; returns the last answer when the retries are spent.
         """
         url = (base or self.root) + path
+        body = kwargs.get("data")
+        start = body.tell() if hasattr(body, "seek") else None  # a streamed body, sent again from here
         broken = throttled = 0
         while True:
+            if start is not None:
+                body.seek(start)
             try:
                 with self.slots:
                     response = self.session.request(method, url, timeout=TIMEOUT, **kwargs)
@@ -443,34 +465,6 @@ class DicomWebStore(Store):
                 time.sleep(max(_retry_after(response), backoff))
                 continue
             return response
-
-
-def multipart(parts: Sequence[bytes], content_type: str = "application/dicom") -> tuple[bytes, str]:
-    """A multipart/related body of Part 10 files and its Content-Type header."""
-    boundary = uuid.uuid4().hex
-    chunks: list[bytes] = []
-    for data in parts:
-        chunks += [f"--{boundary}\r\nContent-Type: {content_type}\r\n\r\n".encode(), data, b"\r\n"]
-    chunks.append(f"--{boundary}--\r\n".encode())
-    return b"".join(chunks), f'multipart/related; type="{content_type}"; boundary={boundary}'
-
-
-def split_multipart(body: bytes, content_type: str) -> list[bytes]:
-    """The payloads of a multipart body, byte-exact (the CRLF before each delimiter is not data)."""
-    if not content_type.lower().startswith("multipart/"):
-        return [body]
-    match = re.search(r'boundary="?([^";]+)"?', content_type)
-    if not match:
-        raise RequestFailed(f"multipart answer without a boundary: {content_type}")
-    delimiter = b"\r\n--" + match.group(1).encode()
-    payloads = []
-    for part in (b"\r\n" + body).split(delimiter)[1:]:
-        if part.startswith(b"--"):
-            break
-        _, separator, payload = part.partition(b"\r\n\r\n")
-        if separator:
-            payloads.append(payload)
-    return payloads
 
 
 def parse_stow_response(response: requests.Response) -> StowAnswer:
@@ -553,20 +547,9 @@ def _xml_sequences(root: ElementTree.Element) -> dict[str, list[tuple[Any, Any, 
     return sequences
 
 
-def data_set_bytes(part10: bytes) -> bytes:
-    """The bytes after the preamble and the file meta group, which servers may rewrite."""
-    if part10[128:132] != b"DICM":
-        return part10
-    position = 132
-    while position + 8 <= len(part10) and part10[position : position + 2] == b"\x02\x00":
-        vr = part10[position + 4 : position + 6]
-        if vr in LONG_LENGTH_VRS:
-            length = int.from_bytes(part10[position + 8 : position + 12], "little")
-            position += 12 + length
-        else:
-            length = int.from_bytes(part10[position + 6 : position + 8], "little")
-            position += 8 + length
-    return part10[position:]
+def _file_digest(file: MatchedFile) -> str:
+    with open_ranged(file, SOURCE_BUFFER) as stream:
+        return data_set_digest(stream)
 
 
 def first_value(item: dict[str, Any], tag: str) -> Any:

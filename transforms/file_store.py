@@ -134,9 +134,6 @@ class FileLayoutStore(Store):
             if match:
                 yield InstanceRef(*match.groups())
 
-    def read(self, ref: InstanceRef) -> bytes:
-        return read_bytes(self.instance_uri(ref))
-
     def copy_instance(self, ref: InstanceRef, destination: str, root: str) -> int:
         """A server-side copy when both ends are in GCS: no bytes pass through the worker."""
         source = self.instance_uri(ref)

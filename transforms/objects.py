@@ -207,9 +207,10 @@ class RangedFile(io.RawIOBase):
         return len(data)
 
 
-def open_ranged(file: MatchedFile) -> io.BufferedReader:
-    """Open for reading only the bytes asked for; `.raw.bytes_fetched` tells how many were read."""
-    buffer_size = max(file.size, 1) if file.size <= READ_WHOLE_BELOW else READ_BUFFER
+def open_ranged(file: MatchedFile, buffer_size: int = READ_BUFFER) -> io.BufferedReader:
+    """Open for reading only the bytes asked for, `buffer_size` at a time (a small file at once);
+    `.raw.bytes_fetched` tells how many were read."""
+    buffer_size = max(file.size, 1) if file.size <= READ_WHOLE_BELOW else buffer_size
     if is_gcs(file.uri):
         blob = _blob(file.uri)
 

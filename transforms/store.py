@@ -14,7 +14,6 @@ import abc
 import contextlib
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
@@ -88,10 +87,11 @@ class Store(abc.ABC):
     def instances(self, study: str, series: str | None = None) -> Iterator[InstanceRef]:
         """The instances of one study, or of one series of it, page by page."""
 
-    @abc.abstractmethod
     def read(self, ref: InstanceRef) -> bytes:
-        """The instance as a DICOM Part 10 file, in its stored transfer syntax; FileNotFoundError
-        if the store does not hold it."""
+        """The instance as a DICOM Part 10 file, in its stored transfer syntax, in memory (for
+        small instances: the pipelines use `spool`); FileNotFoundError if the store lacks it."""
+        with self.spool(ref) as path, open(path, "rb") as handle:
+            return handle.read()
 
     def dataset(self, ref: InstanceRef) -> Dataset:
         """The instance's attributes as a pydicom Dataset without Pixel Data, for flattening; odd
@@ -109,17 +109,11 @@ class Store(abc.ABC):
             copy(path, destination, root=root)
             return os.path.getsize(path)
 
-    @contextlib.contextmanager
-    def spool(self, ref: InstanceRef) -> Iterator[str]:
-        """The instance as a local file, to read it without holding it in memory; removed after
-        use unless it is the stored file itself. FileNotFoundError if the store lacks it."""
-        data = self.read(ref)
-        with tempfile.TemporaryDirectory(prefix="dicom-etl-") as directory:
-            path = os.path.join(directory, "instance.dcm")
-            with open(path, "wb") as handle:
-                handle.write(data)
-            del data
-            yield path
+    @abc.abstractmethod
+    def spool(self, ref: InstanceRef) -> contextlib.AbstractContextManager[str]:
+        """The instance as a local file, in its stored transfer syntax, to read it without holding
+        it in memory; removed after use unless it is the stored file itself. FileNotFoundError if
+        the store does not hold it."""
 
     def remove_leftovers(self) -> None:  # noqa: B027 - only stores that stage files need it
         """Remove what a killed run of ours left in the store (staging files), not a live run's."""
