@@ -176,3 +176,39 @@ def test_an_input_bucket_that_does_not_exist_fails_the_pipeline(gcs, tmp_path: P
     assert run.status == 1 and run.stdout == ""
     [line] = capsys.readouterr().err.strip().splitlines()[-1:]
     assert line.startswith("error: the pipeline failed: cannot list --input gs://no-such-bucket/**")
+
+
+def test_unreadable_files_already_in_a_store_are_dead_letters_of_every_export(
+    hostile, tmp_path: Path
+) -> None:
+    """A store written by someone else may hold what import refuses: each such file fails alone."""
+    from pipelines import export_dicom, export_metadata
+    from tests.conftest import run_pipeline
+
+    inbox, _ = hostile
+    store = tmp_path / "store"
+    assert run_import(f"--input={CT}", f"--store={store}", dead_letter=tmp_path / "dl").status == 0
+    for number, name in enumerate(["deflated_in_name_only.dcm", "meta_length.dcm", "header_bomb.dcm"]):
+        instance = store / "studies" / "1.2.3" / "series" / "4.5" / "instances" / f"6.{number}.dcm"
+        instance.parent.mkdir(parents=True, exist_ok=True)
+        instance.write_bytes((inbox / name).read_bytes())
+
+    rows = run_pipeline(
+        export_metadata.main,
+        f"--store={store}",
+        f"--destination={tmp_path}/meta",
+        dead_letter=tmp_path / "dm",
+    )
+    images = run_pipeline(
+        export_dicom.main,
+        f"--store={store}",
+        f"--output={tmp_path}/png",
+        "--file_type=png",
+        dead_letter=tmp_path / "de",
+    )
+
+    assert (rows.status, rows.summary["success"], rows.summary["failure_reasons"]) == (
+        3, 1, {"malformed": 2, "too_large": 1}
+    )  # fmt: skip
+    assert (images.status, images.summary["success"], images.summary["failure"]) == (3, 1, 3)
+    assert {r["reason"] for r in images.dead_letters} <= {"malformed", "cannot_convert", "no_pixel_data"}
