@@ -140,7 +140,7 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions) -> None:
     name = run_name("import_dicom")
     if shared.metadata_destination:  # one CREATE row per newly stored instance, as streaming does
         rows = stored.stored | "Rows" >> beam.ParDo(
-            StoredRows(shared.exclude_vr, mine.storage_class)
+            StoredRows(shared.store, shared.exclude_vr, mine.storage_class)
         ).with_outputs(DEAD_LETTER, main="rows")
         failures.append(rows[DEAD_LETTER])
         _ = rows.rows | "WriteRows" >> WriteMetadata(

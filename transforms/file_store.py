@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -17,6 +18,7 @@ from transforms.objects import (
     copy,
     delete_tree,
     fingerprint,
+    gcs_client,
     is_gcs,
     join,
     open_ranged,
@@ -24,7 +26,16 @@ from transforms.objects import (
     size_of,
     split_gcs,
 )
-from transforms.store import ALREADY_PRESENT, FAILURE, SUCCESS, InstanceRef, Parsed, Store, Written
+from transforms.store import (
+    ALREADY_PRESENT,
+    FAILURE,
+    SUCCESS,
+    BlobInfo,
+    InstanceRef,
+    Parsed,
+    Store,
+    Written,
+)
 
 INSTANCE_PATH = re.compile(r"studies/([0-9.]+)/series/([0-9.]+)/instances/([0-9.]+)\.dcm")
 
@@ -98,6 +109,18 @@ class FileLayoutStore(Store):
             raise FileNotFoundError(source)
         copy(source, destination)
         return size
+
+    def blob_info(self, ref: InstanceRef) -> BlobInfo:
+        """The file's size; on gs:// the object's size and storage class (a local file has none).
+        FileNotFoundError if there is no such instance."""
+        uri = self.instance_uri(ref)
+        if not is_gcs(uri):
+            return BlobInfo(os.path.getsize(uri), None)
+        bucket, name = split_gcs(uri)
+        blob = gcs_client().bucket(bucket).get_blob(name)
+        if blob is None:
+            raise FileNotFoundError(uri)
+        return BlobInfo(blob.size, blob.storage_class)
 
     def metadata(self, ref: InstanceRef) -> dict[str, Any]:
         return self.dataset(ref).to_json_dict()

@@ -43,6 +43,7 @@ class StoreRows(beam.DoFn):
     def process(self, ref: InstanceRef) -> Iterator[Flat | beam.pvalue.TaggedOutput]:
         try:
             dataset = self.store.dataset(ref)
+            blob = self.store.blob_info(ref)
         except FileNotFoundError as error:
             yield self._fail(ref, "not_found", f"the store holds no such instance: {error}")
             return
@@ -51,7 +52,8 @@ class StoreRows(beam.DoFn):
             return
         self.success.inc()
         self.progress.add("success")
-        yield with_event(flatten(dataset, self.exclude_vrs), "CREATE", now())
+        flat = flatten(dataset, self.exclude_vrs)
+        yield with_event(flat, "CREATE", now(), blob.storage_class, blob.size)
 
     def _fail(self, ref: InstanceRef, reason: str, detail: str) -> beam.pvalue.TaggedOutput:
         self.failures.inc()
@@ -64,20 +66,31 @@ class StoreRows(beam.DoFn):
 
 class StoredRows(beam.DoFn):
     """A record of a newly stored instance (import) -> its CREATE row, from the imported file's
-    header (the file is the instance, byte for byte), with its size and storage class."""
+    header (the file is the instance, byte for byte), with the stored object's size and storage
+    class as the store reports them; else the file's size and the `--storage_class` given."""
 
-    def __init__(self, exclude_vrs: Collection[str], storage_class: str | None) -> None:
+    def __init__(self, store_location: str, exclude_vrs: Collection[str], storage_class: str | None) -> None:
+        self.store_location = store_location
         self.exclude_vrs = frozenset(exclude_vrs)
         self.storage_class = storage_class
+
+    def setup(self) -> None:
+        self.store = open_store(self.store_location)
 
     def process(self, stored: dict[str, Any]) -> Iterator[Flat | beam.pvalue.TaggedOutput]:
         if stored["outcome"] != "success":  # already there: its row was written when it was stored
             return
+        ref = InstanceRef(stored["study_uid"], stored["series_uid"], stored["sop_uid"])
         try:
             with open_ranged(MatchedFile(stored["uri"], stored["size"])) as stream:
                 dataset = read_header(stream, stored["size"]).dataset
+            blob = self.store.blob_info(ref)
         except (*IO_ERRORS, InvalidInstance) as error:  # the file changed since it was stored
             yield failure(stored["uri"], "metadata", "read_error", f"{type(error).__name__}: {error}")
             return
         flat = flatten(dataset, self.exclude_vrs)
-        yield with_event(flat, "CREATE", now(), self.storage_class, stored["size"])
+        size = stored["size"] if blob.size is None else blob.size
+        yield with_event(flat, "CREATE", now(), blob.storage_class or self.storage_class, size)
+
+    def teardown(self) -> None:
+        self.store.close()
