@@ -5,10 +5,11 @@ existing schema merged with this run's columns, as far as `--max_columns` allows
 limit go to DroppedTags, and the view of the store's current state is written next to the table
 (`view.sql` run by DuckDB, or the BigQuery view `{table}_view`).
 
-A BigQuery table is widened before its rows are loaded, by a schema patch (tables.patch), so that no
-load job needs schemaUpdateOptions: BigQuery accepts those only with WRITE_APPEND (or WRITE_TRUNCATE
-on a partition), and Beam's large loads go through temporary tables where they fail (Beam issue
-21105). Each load then carries exactly the table's schema, whatever the disposition and the size.
+A BigQuery table is created, or widened by a schema patch (tables.patch), before its rows are
+loaded, so that no load job needs schemaUpdateOptions: BigQuery accepts those only with WRITE_APPEND
+(or WRITE_TRUNCATE on a partition), and a large load, which Beam splits into loads into temporary
+tables and copies, meets Beam issue 21105 with them. Each load then carries exactly the table's
+schema, whatever the disposition and the size.
 """
 
 from __future__ import annotations
@@ -81,9 +82,8 @@ class Destination(NamedTuple):
     @property
     def parts(self) -> tuple[str, str, str]:
         """(project, dataset, table) of a BigQuery destination; the project may be domain:name."""
-        match = BIGQUERY_TABLE.fullmatch(self.location)
-        assert match, self.location  # checked with the options
-        return match[1], match[2], match[3]
+        project, dataset, table = BIGQUERY_TABLE.fullmatch(self.location).groups()  # checked with the options
+        return project, dataset, table
 
 
 def with_event(
@@ -353,7 +353,7 @@ def finish_table(load_jobs: int, destination: Destination, disposition: str, pla
     if plan.schema_changed:
         client.query(f"CREATE OR REPLACE VIEW `{destination.table}_view` AS\n{query}").result()
         return
-    view = bigquery.Table(f"{destination.table}_view")
+    view = bigquery.Table(_table_reference(destination, "_view"))
     view.view_query = query
     client.create_table(view, exists_ok=True)
 
@@ -389,11 +389,12 @@ def _schema_of(table: Any) -> list[dict]:
     return [field.to_api_repr() for field in table.schema]
 
 
-def _table_reference(destination: Destination) -> Any:
+def _table_reference(destination: Destination, suffix: str = "") -> Any:
+    """The table (or, with suffix `_view`, its view) as google-cloud-bigquery names it."""
     from google.cloud import bigquery
 
     project, dataset, table = destination.parts
-    return bigquery.TableReference(bigquery.DatasetReference(project, dataset), table)
+    return bigquery.TableReference(bigquery.DatasetReference(project, dataset), table + suffix)
 
 
 def _bigquery_client(destination: Destination) -> Any:
