@@ -342,15 +342,17 @@ def prepare_table(schema: list[dict], destination: Destination, disposition: str
 
 
 def finish_table(load_jobs: int, destination: Destination, disposition: str, plan: TablePlan) -> None:
-    """After the loads: a WRITE_TRUNCATE run without rows empties the table (no load job did); the
-    view is replaced, in one statement, when the table's schema changed, else created if missing."""
+    """After the loads: a WRITE_TRUNCATE run without rows empties the table (no load job did, so its
+    schema stays); the view is replaced, in one statement, when the table's schema changed, else
+    created if missing."""
     from google.cloud import bigquery
 
     client = _bigquery_client(destination)
-    if disposition == "WRITE_TRUNCATE" and not load_jobs:
+    emptied = disposition == "WRITE_TRUNCATE" and not load_jobs
+    if emptied:
         client.query(f"TRUNCATE TABLE `{destination.table}`").result()
     query = BIGQUERY_VIEW.format(uids=UIDS, table=destination.table)
-    if plan.schema_changed:
+    if plan.schema_changed and not emptied:
         client.query(f"CREATE OR REPLACE VIEW `{destination.table}_view` AS\n{query}").result()
         return
     view = bigquery.Table(_table_reference(destination, "_view"))
