@@ -28,14 +28,12 @@ import json
 import os
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 from google.cloud import bigquery
 
-from tests.gcs_emulator import free_port
+from tests.gcs_emulator import free_port, wait_until_up
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,7 +80,7 @@ def running_bigquery(gcs_root: Path, project: str, scratch: Path) -> Iterator[bi
         (auth._Credentials._credentials, auth._Credentials._credentials_init),
     )
     try:
-        _wait_until_up(server, url, project)
+        wait_until_up(server, f"{url}/bigquery/v2/projects/{project}/datasets", seconds=60)
         os.environ.update(settings)
         BigqueryV2.BASE_URL = f"{url}/bigquery/v2/"
         auth._Credentials._credentials_init = False  # Beam reads the credentials above when next asked
@@ -97,18 +95,6 @@ def running_bigquery(gcs_root: Path, project: str, scratch: Path) -> Iterator[bi
                 os.environ[name] = value
         server.terminate()
         server.wait(20)
-
-
-def _wait_until_up(server: subprocess.Popen, url: str, project: str) -> None:
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/bigquery/v2/projects/{project}/datasets", timeout=1).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise RuntimeError("bqemulator did not start") from None
-            time.sleep(0.2)
 
 
 def serve() -> None:

@@ -46,7 +46,7 @@ def running_emulator(root: Path | None = None) -> Iterator[storage.Client]:
     )  # fmt: skip
     previous = os.environ.get("STORAGE_EMULATOR_HOST")
     try:
-        _wait_until_up(server, url)
+        wait_until_up(server, f"{url}/storage/v1/b")
         os.environ["STORAGE_EMULATOR_HOST"] = url
         objects.gcs_client.cache_clear()
         from apache_beam.internal.gcp import auth
@@ -63,15 +63,16 @@ def running_emulator(root: Path | None = None) -> Iterator[storage.Client]:
             os.environ["STORAGE_EMULATOR_HOST"] = previous
 
 
-def _wait_until_up(server: subprocess.Popen, url: str) -> None:
-    deadline = time.monotonic() + 20
+def wait_until_up(server: subprocess.Popen, probe: str, seconds: float = 20) -> None:
+    """Until the server started as `server` answers the URL `probe`."""
+    deadline = time.monotonic() + seconds
     while True:
         try:
-            urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1).close()
+            urllib.request.urlopen(probe, timeout=1).close()
             return
         except OSError:
             if time.monotonic() > deadline or server.poll() is not None:
-                raise RuntimeError("fake-gcs-server did not start") from None
+                raise RuntimeError(f"{Path(server.args[0]).name} did not start: {probe}") from None
             time.sleep(0.1)
 
 

@@ -148,6 +148,14 @@ def run_export_metadata(*args: str, dead_letter: Path) -> Run:
     )
 
 
+def export_both(bq: Dataset, store: Path, tmp_path: Path, disposition: str, letter: str) -> Run:
+    """export_metadata of `store` into the test's table and into the Parquet table `tmp_path/meta`."""
+    return run_export_metadata(
+        f"--store={store}", f"--destination=bq://{bq.table()}", f"--destination={tmp_path / 'meta'}",
+        f"--write_disposition={disposition}", dead_letter=tmp_path / letter,
+    )  # fmt: skip
+
+
 def run_metadata(pipeline: str, *args: str, dead_letter: Path) -> Run:
     """import_dicom or delete_dicom with a BigQuery destination among its metadata destinations."""
     from pipelines import delete_dicom, import_dicom
@@ -247,10 +255,7 @@ def test_write_append_widens_the_table_with_new_columns_and_nested_fields(
     wide = make_store(tmp_path, "wide", widened_ct(tmp_path), *sorted((SAMPLE / "mr").rglob("*.dcm")))
 
     def append(store: Path, letter: str) -> Run:
-        return run_export_metadata(
-            f"--store={store}", f"--destination=bq://{bq.table()}", f"--destination={tmp_path / 'meta'}",
-            "--write_disposition=WRITE_APPEND", dead_letter=tmp_path / letter,
-        )  # fmt: skip
+        return export_both(bq, store, tmp_path, "WRITE_APPEND", letter)
 
     assert append(narrow, "a").status == 0
     created = view_modified(bq)
@@ -285,10 +290,7 @@ def test_write_truncate_replaces_the_rows_and_the_schema(bq: Dataset, tmp_path: 
     (empty / "studies").mkdir(parents=True)
 
     def truncate(store: Path, letter: str) -> Run:
-        return run_export_metadata(
-            f"--store={store}", f"--destination=bq://{bq.table()}", f"--destination={tmp_path / 'meta'}",
-            "--write_disposition=WRITE_TRUNCATE", dead_letter=tmp_path / letter,
-        )  # fmt: skip
+        return export_both(bq, store, tmp_path, "WRITE_TRUNCATE", letter)
 
     assert truncate(everything, "a").status == 0
     assert len(bq.rows(bq.table())) == 19 and "ContentSequence" in bq.fields(bq.table())
