@@ -6,9 +6,9 @@ the way each library allows, in this process only: google-cloud-bigquery by its 
 BIGQUERY_EMULATOR_HOST, Beam's apitools client by its class's BASE_URL. Both also want Application
 Default Credentials: a user credential whose token never expires, so nothing asks Google for one.
 
-The server runs in its own process (`python -m tests.bigquery_emulator start ...`), with these
-changes, each to what BigQuery documents and bqemulator 1.4 does not do:
-- DuckDB's spatial extension, which it would download at start-up, is not loaded (no GEOGRAPHY here);
+The server runs in its own process (`python -m tests.bigquery_emulator start ...`). DuckDB's spatial
+extension, which it would download at start-up, is not loaded (no GEOGRAPHY here); and where
+bqemulator 1.4 does not do what BigQuery documents, it is changed to:
 - a table's schema widened by tables.patch or tables.update widens the stored table too (bqemulator
   changes only its catalog, so the new columns' values would be dropped on load);
 - a load or copy job with WRITE_TRUNCATE replaces the table's schema with the job's (the load's
