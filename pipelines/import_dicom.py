@@ -167,7 +167,7 @@ def _write_rows(
     """One CREATE row per newly stored instance, as the Healthcare API's streaming does, to every
     destination; and, to each destination, rows for the already-present instances it has no
     current row for (a run stopped between storing and writing rows): the dead letters."""
-    rows_of = StoredRows(shared.exclude_vr, storage_class)
+    rows_of = StoredRows(shared.store, shared.exclude_vr, storage_class)
     new = (
         stored
         | "NewlyStored" >> beam.Filter(lambda record: record["outcome"] == SUCCESS)

@@ -33,6 +33,7 @@ from transforms.objects import (
     delete_tree,
     download,
     fingerprint,
+    gcs_client,
     is_gcs,
     join,
     open_ranged,
@@ -41,7 +42,16 @@ from transforms.objects import (
     split_gcs,
     write_bytes,
 )
-from transforms.store import ALREADY_PRESENT, FAILURE, SUCCESS, InstanceRef, Parsed, Store, Written
+from transforms.store import (
+    ALREADY_PRESENT,
+    FAILURE,
+    SUCCESS,
+    BlobInfo,
+    InstanceRef,
+    Parsed,
+    Store,
+    Written,
+)
 
 INSTANCE_PATH = re.compile(r"studies/([0-9.]+)/series/([0-9.]+)/instances/([0-9.]+)\.dcm")
 
@@ -162,6 +172,18 @@ class FileLayoutStore(Store):
             local = os.path.join(directory, "instance.dcm")
             download(source, local)
             yield local
+
+    def blob_info(self, ref: InstanceRef) -> BlobInfo:
+        """The file's size; on gs:// the object's size and storage class (a local file has none).
+        FileNotFoundError if there is no such instance."""
+        uri = self.instance_uri(ref)
+        if not is_gcs(uri):
+            return BlobInfo(os.path.getsize(uri), None)
+        bucket, name = split_gcs(uri)
+        blob = gcs_client().bucket(bucket).get_blob(name)
+        if blob is None:
+            raise FileNotFoundError(uri)
+        return BlobInfo(blob.size, blob.storage_class)
 
     def metadata(self, ref: InstanceRef) -> dict[str, Any]:
         return self.dataset(ref).to_json_dict()

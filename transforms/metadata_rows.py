@@ -44,6 +44,7 @@ class StoreRows(beam.DoFn):
     def process(self, ref: InstanceRef) -> Iterator[Flat | beam.pvalue.TaggedOutput]:
         try:
             flat = flatten(self.store.dataset(ref), self.exclude_vrs)
+            blob = self.store.blob_info(ref)
         except BaseException as error:  # item_failure re-raises interrupts
             missing = isinstance(error, FileNotFoundError)
             failed = item_failure(error, "not_found" if missing else "read_error")
@@ -53,7 +54,7 @@ class StoreRows(beam.DoFn):
             return
         self.success.inc()
         self.progress.add("success")
-        yield with_event(flat, "CREATE", now())
+        yield with_event(flat, "CREATE", now(), blob.storage_class, blob.size)
 
     def teardown(self) -> None:
         self.store.close()
@@ -79,21 +80,32 @@ class WithoutCurrentRow(beam.DoFn):
 
 class StoredRows(beam.DoFn):
     """A record of a stored instance (import) -> its CREATE row, from the imported file's header
-    (the file is the instance, byte for byte), with its size and storage class. A row that cannot
-    be made is a dead letter and counted: the run then exits 3."""
+    (the file is the instance, byte for byte), with the stored object's size and storage class as
+    the store reports them, else the file's size and the `--storage_class` given. A row that
+    cannot be made is a dead letter and counted: the run then exits 3."""
 
-    def __init__(self, exclude_vrs: Collection[str], storage_class: str | None) -> None:
+    def __init__(self, store_location: str, exclude_vrs: Collection[str], storage_class: str | None) -> None:
+        self.store_location = store_location
         self.exclude_vrs = frozenset(exclude_vrs)
         self.storage_class = storage_class
         self.failures = Metrics.counter(NAMESPACE, "metadata_failures")
 
+    def setup(self) -> None:
+        self.store = open_store(self.store_location)
+
     def process(self, stored: dict[str, Any]) -> Iterator[Flat | beam.pvalue.TaggedOutput]:
+        ref = InstanceRef(stored["study_uid"], stored["series_uid"], stored["sop_uid"])
         try:
             with open_ranged(MatchedFile(stored["uri"], stored["size"])) as stream:
                 flat = flatten(read_header(stream, stored["size"]).dataset, self.exclude_vrs)
+            blob = self.store.blob_info(ref)
         except BaseException as error:  # the file changed since it was stored; interrupts re-raised
             failed = item_failure(error, "read_error")
             self.failures.inc()
             yield failure(stored["uri"], "metadata", failed.reason, failed.detail)
             return
-        yield with_event(flat, "CREATE", now(), self.storage_class, stored["size"])
+        size = stored["size"] if blob.size is None else blob.size
+        yield with_event(flat, "CREATE", now(), blob.storage_class or self.storage_class, size)
+
+    def teardown(self) -> None:
+        self.store.close()
