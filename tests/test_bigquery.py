@@ -436,3 +436,35 @@ def test_a_bigquery_destination_builds_without_network_or_credentials() -> None:
     names = [t.unique_name for t in pipeline.to_runner_api().components.transforms.values()]
     assert any("Destination1Prepare" in name for name in names)
     assert any("Destination1Finish" in name for name in names)
+
+
+def test_a_rerun_restores_the_rows_an_interrupted_import_did_not_write(bq: Dataset, tmp_path: Path) -> None:
+    """Rows lost to an interruption (here removed from the table, as a run stopped between storing
+    and loading leaves them missing): the same import run again writes exactly those, and a clean
+    re-run writes none. tests/test_interrupted.py kills real runs with a Parquet destination."""
+    inbox = tmp_path / "in"
+    shutil.copytree(SAMPLE, inbox)
+    arguments = (
+        f"--input={inbox}/**.dcm",
+        f"--store={tmp_path / 'store'}",
+        f"--metadata_destination=bq://{bq.table()}",
+    )
+    first = run_metadata("import", *arguments, dead_letter=tmp_path / "a")
+    stored = first.summary["success"]
+    lost = [row["SOPInstanceUID"] for row in bq.rows(bq.table(), "SOPInstanceUID")][:7]
+    bq.client.query(f"DELETE FROM `{bq.table()}` WHERE SOPInstanceUID IN UNNEST(@lost)", job_config=(
+        bigquery.QueryJobConfig(query_parameters=[bigquery.ArrayQueryParameter("lost", "STRING", lost)])
+    )).result()  # fmt: skip
+
+    again = run_metadata("import", *arguments, dead_letter=tmp_path / "b")
+    clean = run_metadata("import", *arguments, dead_letter=tmp_path / "c")
+
+    assert (again.status, again.summary["metadata_rows_restored"], again.summary["metadata_rows"]) == (
+        0,
+        7,
+        7,
+    )
+    view = [row["SOPInstanceUID"] for row in bq.rows(f"{bq.table()}_view", "SOPInstanceUID")]
+    assert len(view) == len(set(view)) == stored
+    assert (clean.summary["metadata_rows_restored"], clean.summary["metadata_rows"]) == (0, 0)
+    assert len(bq.rows(bq.table(), "SOPInstanceUID")) == stored
