@@ -9,16 +9,17 @@ already handed it over when its body breaks.
 
 STOW-RS does not say whether an instance was already stored (Orthanc, for one, answers success and
 keeps the old copy; the Healthcare API stores identical bytes again), so each batch first asks QIDO-RS
-which of its SOP Instance UIDs the store holds, one single-value query per UID (the Healthcare API
-matches one value only: a comma-separated list matches nothing there); those are read back and
-compared instead of sent: the same data set is `already_present`, another is a `conflict`, as the
-file-layout store does. With `verify_stored`, QIDO-RS queries after the STOW confirm that what the
-server acknowledged is there.
+which of its SOP Instance UIDs the store holds, in one query by UID list matching (the Healthcare API,
+which matches single values only, lists the batch's series instead: healthcare_api.py); those are
+read back and compared instead of sent: the same data set is `already_present`, another is a
+`conflict`, as the file-layout store does. A STOW-RS answer that the server holds the UID with other
+data (409 with FailureReason 0x0110 or 0x0111) is looked up by that UID alone and compared too.
+With `verify_stored`, the same query after the STOW confirms that what the server acknowledged is
+there.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import json
 import logging
@@ -65,7 +66,7 @@ THROTTLE_BACKOFF_MAX = 64.0
 BROKEN_BODY_ATTEMPTS = 5
 TIMEOUT = (10, 600)  # seconds to connect, and to wait for a STOW of tens of MB
 PAGE = 1000
-LOOKUPS = 8  # QIDO-RS lookups one store runs at once
+LIST_MATCH = 100  # SOP Instance UIDs in one QIDO-RS query: about 6.5 KB of URL
 OPERATION_DEADLINE = 3600.0  # seconds a long-running operation may take before it counts as failed
 DICOM_PART = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 PROCESSING_FAILURE = 0x0110  # the Healthcare API's FailureReason for a UID it holds with other data
@@ -174,17 +175,15 @@ class DicomWebStore(Store):
         self.verify_stored = verify_stored  # QIDO after STOW: see _verify
         self.slots = request_slots(self.root, max_requests_in_flight)
         self.operations_root = operations_root or self.root  # where long-running operations are polled
-        self.lookups = concurrent.futures.ThreadPoolExecutor(LOOKUPS, thread_name_prefix="qido")
 
     def close(self) -> None:
-        self.lookups.shutdown()
         self.session.close()
 
     # Writing
 
     def write(self, batch: Sequence[Parsed]) -> list[Written]:
         try:
-            stored = self._stored_refs([item.ref.sop for item in batch])
+            stored = self._stored_refs([item.ref for item in batch])
         except RequestFailed as error:
             detail = f"QIDO-RS before STOW-RS: {error}"
             return [Written(FAILURE, self.root + item.ref.path(), "write_error", detail) for item in batch]
@@ -233,7 +232,7 @@ class DicomWebStore(Store):
         costs a QIDO query per instance, whose match the server must look up."""
         claimed = [(index, item) for index, item in items if results[index].outcome == SUCCESS]
         try:
-            held = self._stored_refs([item.ref.sop for _, item in claimed])
+            held = self._stored_refs([item.ref for _, item in claimed])
         except RequestFailed as error:
             for index, _ in claimed:
                 detail = f"acknowledged by STOW-RS (HTTP {status}), but QIDO-RS could not confirm it: {error}"
@@ -263,7 +262,7 @@ class DicomWebStore(Store):
             detail = failed.describe(status)
             if failed.code in (PROCESSING_FAILURE, DUPLICATE_INSTANCE):  # held with other data?
                 try:
-                    held = self._stored_refs([item.ref.sop]).get(item.ref.sop)
+                    held = self._stored_ref(item.ref.sop)
                 except RequestFailed as error:
                     return Written(FAILURE, location, "write_error", f"{detail}; QIDO-RS: {error}")
                 if held is not None:
@@ -290,10 +289,19 @@ class DicomWebStore(Store):
         with self.spool(ref) as path, open(path, "rb") as stored:
             return data_set_digest(stored)
 
-    def _stored_refs(self, sops: Sequence[str]) -> dict[str, InstanceRef]:
-        """Which of these SOP Instance UIDs the store holds, under any study and series."""
-        found = self.lookups.map(self._stored_ref, sops)
-        return {ref.sop: ref for ref in found if ref is not None}
+    def _stored_refs(self, refs: Sequence[InstanceRef]) -> dict[str, InstanceRef]:
+        """Which of these instances' SOP Instance UIDs the store holds, under any study and series:
+        QIDO-RS UID list matching (PS3.18: a comma-separated list of UIDs), up to LIST_MATCH UIDs a
+        query, so a batch costs one request. Results for other UIDs do not count."""
+        wanted = sorted({ref.sop for ref in refs})
+        found: dict[str, InstanceRef] = {}
+        for start in range(0, len(wanted), LIST_MATCH):
+            chunk = wanted[start : start + LIST_MATCH]
+            params = {"SOPInstanceUID": ",".join(chunk), "limit": str(2 * len(chunk))}
+            for ref in map(_ref, self._json("GET", "/instances", params=params)):
+                if ref is not None and ref.sop in chunk:
+                    found[ref.sop] = ref
+        return found
 
     def _stored_ref(self, sop: str) -> InstanceRef | None:
         """One single-value QIDO-RS query: what every server matches, the Healthcare API included.

@@ -7,6 +7,8 @@ What the API documents and the plain DICOMweb store does not assume:
   listing that would pass the offset cap is split: a study's instances series by series, the
   studies by StudyDate ranges. What cannot be split further (over a million studies on one day, or
   instances in one series) stops the run with one line.
+- QIDO-RS matches single values (a comma-separated list is one literal value): what a batch already
+  holds is found by listing its series, not by UID list matching.
 - The Storage-Class header on STOW-RS appears only in v1beta1 examples; v1 documents
   `getStorageInfo` and `setBlobStorageSettings` instead. The header is sent on both roots, the
   first instance stored is asked for its class, and where the header was not applied each newly
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from transforms.dicomweb import (
@@ -119,6 +121,21 @@ class HealthcareStore(DicomWebStore):
     def _unsettled(self, written: Written, error: OSError) -> Written:
         detail = f"stored, but setting its storage class to {self.storage_class} failed: {error}"
         return Written(FAILURE, written.location, "write_error", detail)
+
+    # Finding what is stored
+
+    def _stored_refs(self, refs: Sequence[InstanceRef]) -> dict[str, InstanceRef]:
+        """The API matches one value at a time, so a batch's series are listed, once each, and its
+        SOP Instance UIDs looked for there: one request per series the batch holds (usually one),
+        where single-value queries would cost one per instance. A UID the store holds under another
+        series is not found here: STOW-RS answers it with 409, and that answer is looked up alone."""
+        wanted = {ref.sop for ref in refs}
+        found: dict[str, InstanceRef] = {}
+        for study, series in sorted({(ref.study, ref.series) for ref in refs}):
+            for held in self.instances(study, series):
+                if held.sop in wanted:
+                    found[held.sop] = held
+        return found
 
     # Listing within the API's limits
 

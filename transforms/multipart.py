@@ -8,7 +8,9 @@ a buffer, not its size.
 
 from __future__ import annotations
 
+import bisect
 import io
+import itertools
 import re
 import uuid
 from collections.abc import Iterator, Sequence
@@ -46,12 +48,13 @@ class MultipartBody(io.RawIOBase):
                 b"\r\n",
             ]
         self.pieces.append(f"--{boundary}--\r\n".encode())
-        self.sizes = [len(p) if isinstance(p, bytes) else p[1].size for p in self.pieces]
+        sizes = [len(p) if isinstance(p, bytes) else p[1].size for p in self.pieces]
+        self.starts = list(itertools.accumulate(sizes, initial=0))  # of each piece, then the end
         self.position = 0
         self.source: tuple[int, BinaryIO] | None = None  # the piece being read, and its stream
 
     def __len__(self) -> int:
-        return sum(self.sizes)
+        return self.starts[-1]
 
     def __iter__(self) -> Iterator[bytes]:  # requests sends an iterable with a length as a stream
         while chunk := self.read(CHUNK):
@@ -76,17 +79,14 @@ class MultipartBody(io.RawIOBase):
         super().close()
 
     def readinto(self, buffer) -> int:  # type: ignore[override]
-        start = 0
-        for number, size in enumerate(self.sizes):
-            if self.position < start + size:
-                data = self._read_piece(
-                    number, self.position - start, min(len(buffer), start + size - self.position)
-                )
-                buffer[: len(data)] = data
-                self.position += len(data)
-                return len(data)
-            start += size
-        return 0
+        if self.position >= len(self):
+            return 0
+        number = bisect.bisect_right(self.starts, self.position) - 1
+        start, end = self.starts[number], self.starts[number + 1]
+        data = self._read_piece(number, self.position - start, min(len(buffer), end - self.position))
+        buffer[: len(data)] = data
+        self.position += len(data)
+        return len(data)
 
     def _read_piece(self, number: int, offset: int, count: int) -> bytes:
         piece = self.pieces[number]
@@ -98,7 +98,8 @@ class MultipartBody(io.RawIOBase):
                 self._close_source()
                 self.source = (number, open_ranged(file, SOURCE_BUFFER))
             stream = self.source[1]
-            stream.seek(offset)
+            if stream.tell() != offset:  # a retry, or a rewind
+                stream.seek(offset)
             data = stream.read(count)
             if len(data) < count:
                 raise OSError(f"{file.uri} is shorter than the {file.size} bytes it had when listed")
