@@ -37,11 +37,11 @@ def test_a_line_names_a_study_a_series_or_an_instance(line: str, target: Target)
 )
 def test_any_other_line_is_malformed_and_named_by_its_number(line: str, words: str) -> None:
     with pytest.raises(FilterError, match=rf"^filter file line 3: .*{words}"):
-        parse_filter(f"/studies/1.2\n\n{line}\n/studies/1.3\n")
+        parse_filter(f"/studies/1.2\n\n{line}\n/studies/1.3\n".encode())
 
 
 def test_blank_lines_and_surrounding_whitespace_are_ignored() -> None:
-    assert parse_filter("\n  /studies/1.2  \n\r\n\t\n/studies/1.3\r\n") == [Target("1.2"), Target("1.3")]
+    assert parse_filter(b"\n  /studies/1.2  \n\r\n\t\n/studies/1.3\r\n") == [Target("1.2"), Target("1.3")]
 
 
 def test_overlapping_lines_select_each_instance_once() -> None:
@@ -54,7 +54,7 @@ def test_overlapping_lines_select_each_instance_once() -> None:
     /studies/1.3/series/1.3.1/instances/1.3.1.1
     /studies/1.3/series/1.3.2/instances/1.3.2.1
     """
-    assert parse_filter(text) == [
+    assert parse_filter(text.encode()) == [
         Target("1.1"),
         Target("1.2", "1.2.1"),
         Target("1.3", "1.3.1", "1.3.1.1"),
