@@ -8,8 +8,9 @@ distributed runner's job is submitted (Dataflow, a flex template launch): the la
 for the job.
 
 Stderr holds only these lines and progress lines. What libraries log (warnings, codec tracebacks of
-instances counted as failed, Beam's errors) goes to a log file in the temporary directory, made on
-the first record and named in the exit-1 line; `--verbose` shows it on stderr too.
+instances counted as failed, Beam's errors) and whatever else reaches the process's stderr during a
+run goes to a log file in the temporary directory, named in the exit-1 line and kept only then;
+`--verbose` shows it all on stderr instead.
 """
 
 from __future__ import annotations
@@ -110,11 +111,10 @@ def _exit_on_interrupt(report: Callable[[], int]) -> Iterator[None]:
     once. Beam would turn a KeyboardInterrupt into tearing down every DoFn, which waits for their
     requests in flight (and their retries) to end.
 
-    Python runs signal handlers in the main thread only, once it is back from what blocks it; so a
-    watcher thread learns of SIGINT through the signal wake-up socket, whichever thread the signal
-    reaches. SIGINT is blocked in the main thread during the run, and so in the threads it starts
-    and the worker processes they start (a terminal's Ctrl-C, sent to them too, would print their
-    tracebacks). Only the main thread can set this up: elsewhere the run keeps Python's default."""
+    Python runs a signal handler in the main thread only, once that is back from what blocks it
+    (possibly a long wait); so a watcher thread learns of SIGINT through the signal wake-up socket,
+    whichever thread the signal reaches. Only the main thread can set this up: elsewhere (a run
+    inside a bigger program) the run keeps Python's default."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -140,15 +140,13 @@ def _exit_on_interrupt(report: Callable[[], int]) -> Iterator[None]:
     wakeup = signal.set_wakeup_fd(sender.fileno(), warn_on_full_buffer=False)
     handler = signal.signal(signal.SIGINT, stop)
     watcher = threading.Thread(target=watch, name="dicom-etl-interrupt", daemon=True)
-    watcher.start()  # before the mask: the one thread of ours that SIGINT may reach
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    watcher.start()
     try:
         yield
     finally:
         finished.set()
         sender.send(b"\0")  # ends the watcher's wait
         watcher.join()
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         signal.signal(signal.SIGINT, handler)
         signal.set_wakeup_fd(wakeup)
         receiver.close()

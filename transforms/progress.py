@@ -145,6 +145,7 @@ class Reporter:
         self.interval = interval if interval is not None else float(os.environ.get(SECONDS) or 10)
         self._stop = threading.Event()
         self.directory: str | None = None
+        self.started = time.monotonic()
         self._samples: collections.deque[tuple[float, dict[str, int]]] = collections.deque()
 
     def __enter__(self) -> Reporter:
@@ -189,6 +190,8 @@ class Reporter:
         found = next((key for key in FOUND if key in counts), None)
         stages = {key: counts[key] for key in (found, "parsed") if key in counts}
         stages["done"] = done(counts)
+        if not self._samples:
+            self._samples.append((self.started, {}))  # nothing counted when the run started
         self._samples.append((now, stages))
         while now - self._samples[0][0] > max(self.interval, 1.0) + 0.5:
             self._samples.popleft()
@@ -202,7 +205,10 @@ class Reporter:
             return text
         total = stages.get(found, 0) if found else 0
         later = [key for key in stages if key != found]
-        current = next((key for key in later if stages[key] < total), "done") if total else found or "done"
+        if found and not any(stages[key] for key in later):
+            current = found  # still finding
+        else:
+            current = next((key for key in later if stages[key] < total), "done")
         then, before = self._samples[0]
         rate = (stages[current] - before.get(current, 0)) / max(now - then, 1.0)
         text += f"; {rate:,.1f} {current}/s"
