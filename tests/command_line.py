@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,6 +98,23 @@ def interrupt(process: subprocess.Popen[str], timeout: float = 60) -> Result:
     os.killpg(process.pid, signal.SIGINT)
     stdout, stderr = process.communicate(timeout=timeout)
     return Result(process.returncode, stdout, stderr)
+
+
+def interrupted_import(place: Place, store: SilentServer, mode: str, after: float, **env: str) -> Result:
+    """An import of the sample into a store that never answers, in `--direct_running_mode=mode`
+    with two workers, interrupted `after` seconds after its first request."""
+    process = place.start(
+        "script",
+        "import_dicom",
+        f"--input={SAMPLE}/**.dcm",
+        f"--store={store.url}",
+        f"--direct_running_mode={mode}",
+        "--direct_num_workers=2",
+        **env,
+    )
+    assert store.connected.wait(120), "the run never reached the store"
+    time.sleep(after)
+    return interrupt(process)
 
 
 class SilentServer:

@@ -8,15 +8,13 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from pipelines import delete_dicom, export_dicom, export_metadata, import_dicom
 from pipelines.options import OptionError
-from tests.command_line import ENTRIES, SAMPLE, Place, SilentServer, interrupt
+from tests.command_line import ENTRIES, SAMPLE, Place, SilentServer, interrupted_import
 from tests.orthanc_server import Orthanc
 
 PIPELINES = {
@@ -279,33 +277,13 @@ def test_a_refused_credential_is_one_line(place: Place, orthanc: Orthanc) -> Non
     assert orthanc.instance_count() == 0
 
 
-@pytest.fixture
-def silent_store() -> Iterator[SilentServer]:
-    server = SilentServer()
-    yield server
-    server.close()
-
-
 @pytest.mark.parametrize("mode", ["in_memory", "multi_processing"])
 def test_ctrl_c_is_one_line_and_a_json_of_what_was_counted(
     place: Place, silent_store: SilentServer, mode: str
 ) -> None:
-    workers = ["--direct_num_workers=2"] if mode == "multi_processing" else []
-    process = place.start(
-        "script",
-        "import_dicom",
-        f"--input={SAMPLE}/**.dcm",
-        f"--store={silent_store.url}",
-        f"--direct_running_mode={mode}",
-        *workers,
-    )
-    assert silent_store.connected.wait(120), "the run never reached the store"
-    time.sleep(1.0)  # worker processes publish their counts twice a second
-
-    result = interrupt(process)  # returns only when no worker holds the pipes any more
+    result = interrupted_import(place, silent_store, mode, after=1.0)  # workers publish twice a second
 
     assert result.status == 1
-    assert len(result.err) == 1, result.stderr
     [line] = result.err  # with worker processes, their warnings are in the log file it names
     assert line.startswith("error: interrupted (Ctrl-C)")
     assert result.summary == {

@@ -5,13 +5,11 @@ run shorter than that."""
 from __future__ import annotations
 
 import re
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.command_line import SAMPLE, Place, SilentServer, interrupt
+from tests.command_line import SAMPLE, Place, SilentServer, interrupted_import
 from transforms.progress import Reporter
 
 
@@ -47,32 +45,15 @@ def test_a_pattern_that_matched_nothing_is_no_item_done() -> None:
     assert said == "export_dicom: 0:00:10 elapsed; 5 selected, 0 done; 0.5 selected/s"
 
 
-@pytest.fixture
-def silent_store() -> Iterator[SilentServer]:
-    server = SilentServer()
-    yield server
-    server.close()
-
-
 @pytest.mark.parametrize("mode", ["in_memory", "multi_processing"])
 def test_a_run_prints_a_progress_line_every_interval_across_its_stages(
     tmp_path: Path, silent_store: SilentServer, mode: str
 ) -> None:
     """An import whose store never answers: the lines go on while the run waits (1 s apart here, by
     DICOM_ETL_PROGRESS_SECONDS), with the counts of every worker process."""
-    place = Place(tmp_path)
-    process = place.start(
-        "script",
-        "import_dicom",
-        f"--input={SAMPLE}/**.dcm",
-        f"--store={silent_store.url}",
-        f"--direct_running_mode={mode}",
-        "--direct_num_workers=2",
-        DICOM_ETL_PROGRESS_SECONDS="1",
+    result = interrupted_import(
+        Place(tmp_path), silent_store, mode, after=3.5, DICOM_ETL_PROGRESS_SECONDS="1"
     )
-    assert silent_store.connected.wait(120)
-    time.sleep(3.5)
-    result = interrupt(process)
 
     *progress, last = result.err
     assert last.startswith("error: interrupted (Ctrl-C)")

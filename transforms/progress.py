@@ -82,8 +82,7 @@ class Count(beam.PTransform):
         self.name = name
 
     def expand(self, items: beam.PCollection) -> beam.PCollection:
-        name = self.name
-        return items | beam.Map(_counted, name)
+        return items | beam.Map(_counted, self.name)
 
 
 class CountFailures(beam.PTransform):
