@@ -29,8 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.conftest import corpus_roots  # noqa: E402
 from tests.gcs_emulator import running_emulator, upload_tree  # noqa: E402
-from transforms.dicom_header import InvalidInstance, read_header  # noqa: E402
+from transforms.dicom_header import read_header  # noqa: E402
 from transforms.expand import expand  # noqa: E402
+from transforms.failures import ItemFailed  # noqa: E402
 from transforms.objects import Lister, MatchedFile, open_ranged  # noqa: E402
 from transforms.wildcard import parse_pattern  # noqa: E402
 
@@ -53,7 +54,7 @@ def valid_sources() -> list[Path]:
             with open_ranged(MatchedFile(str(path), path.stat().st_size)) as stream:
                 read_header(stream, path.stat().st_size)
             found.append(path)
-        except InvalidInstance:
+        except ItemFailed:
             pass
     return found
 

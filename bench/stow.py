@@ -38,6 +38,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -60,7 +61,6 @@ from pipelines import import_dicom  # noqa: E402
 from tests.fault_proxy import FaultProxy  # noqa: E402
 from tests.orthanc_server import Orthanc, running_orthanc  # noqa: E402
 from transforms.dead_letter import DEAD_LETTER  # noqa: E402
-from transforms.dicomweb import multipart  # noqa: E402
 from transforms.expand import ExpandPatterns  # noqa: E402
 from transforms.store import Parsed  # noqa: E402
 from transforms.store_instances import ParseInstances  # noqa: E402
@@ -120,7 +120,10 @@ class OrthancStowClient:
         dcm_file: bytes,
         credential: object = None,
     ) -> tuple[None, int]:
-        body, content_type = multipart([dcm_file])  # Orthanc refuses a bare application/dicom body
+        boundary = uuid.uuid4().hex  # Orthanc refuses a bare application/dicom body: one part
+        head = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        body = head + dcm_file + f"\r\n--{boundary}--\r\n".encode()
+        content_type = f'multipart/related; type="application/dicom"; boundary={boundary}'
         with requests.Session() as session:
             session.auth = self.auth
             response = session.post(f"{self.root}/studies", data=body, headers={"Content-Type": content_type})

@@ -26,9 +26,9 @@ from pipelines.options import (
     dead_letter_location,
     parse_options,
 )
-from transforms.convert import TRANSFER_SYNTAXES
+from transforms.convert import FILE_TYPES, TRANSFER_SYNTAXES
 from transforms.dead_letter import DEAD_LETTER, WriteDeadLetters
-from transforms.export import FILE_TYPES, ExportInstances
+from transforms.export import ExportInstances
 from transforms.progress import count_failures
 from transforms.select import ListInstances, SelectTargets
 

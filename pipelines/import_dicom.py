@@ -32,10 +32,10 @@ from pipelines.options import (
 )
 from transforms.dead_letter import DEAD_LETTER, WriteDeadLetters
 from transforms.expand import ExpandPatterns
-from transforms.metadata_rows import StoredRows
+from transforms.metadata_rows import StoredRows, WithoutCurrentRow
 from transforms.metadata_sink import WriteMetadata
 from transforms.progress import Count, count_failures
-from transforms.store import STORAGE_CLASSES, store_kind
+from transforms.store import ALREADY_PRESENT, STORAGE_CLASSES, SUCCESS, store_kind
 from transforms.store_instances import ParseInstances, WriteInstances
 from transforms.wildcard import Pattern, PatternError, parse_pattern
 
@@ -61,6 +61,12 @@ class ImportDicomOptions(PipelineOptions):
             help="DICOMweb stores: after each STOW-RS, check with QIDO-RS that every instance the "
             "server acknowledged is there (for servers that may drop what they acknowledge).",
         )
+        parser.add_argument(
+            "--max_requests_in_flight",
+            type=int,
+            help="DICOMweb stores: the most requests each worker process has out at once, to keep "
+            "within a per-minute quota (default: no cap beyond the writers' own).",
+        )
 
 
 # The options this pipeline takes, for its Dataflow template: name -> required. The template's metadata.json
@@ -70,6 +76,7 @@ OPTIONS: dict[str, bool] = {
     "store": True,
     "storage_class": False,
     "verify_stored": False,
+    "max_requests_in_flight": False,
     "dead_letter": False,
     "metadata_destination": False,
     "max_columns": False,
@@ -99,6 +106,13 @@ def parse(argv: Sequence[str]) -> PipelineOptions:
             raise OptionError("storage_class", f"must be one of {', '.join(STORAGE_CLASSES)}")
         if store_kind(shared.store) == "files":
             raise OptionError("storage_class", "applies to DICOMweb and Cloud Healthcare API stores only")
+    if mine.max_requests_in_flight is not None:
+        if mine.max_requests_in_flight < 1:
+            raise OptionError("max_requests_in_flight", "must be a positive number")
+        if store_kind(shared.store) == "files":
+            raise OptionError(
+                "max_requests_in_flight", "applies to DICOMweb and Cloud Healthcare API stores only"
+            )
     shared.metadata_destination = check_destinations(
         "metadata_destination", shared.metadata_destination, options
     )
@@ -137,25 +151,54 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions) -> None:
         | "CountParsed" >> Count("parsed")
         | "BySopInstanceUid" >> beam.GroupByKey()
         | "Store"
-        >> beam.ParDo(WriteInstances(shared.store, mine.storage_class, mine.verify_stored)).with_outputs(
-            DEAD_LETTER, main="stored"
-        )
+        >> beam.ParDo(
+            WriteInstances(shared.store, mine.storage_class, mine.verify_stored, mine.max_requests_in_flight)
+        ).with_outputs(DEAD_LETTER, main="stored")
     )
     failures = [expanded[DEAD_LETTER], parsed[DEAD_LETTER], stored[DEAD_LETTER]]
     name = run_name("import_dicom")
-    if shared.metadata_destination:  # one CREATE row per newly stored instance, as streaming does
-        rows = stored.stored | "Rows" >> beam.ParDo(
-            StoredRows(shared.exclude_vr, mine.storage_class)
-        ).with_outputs(DEAD_LETTER, main="rows")
-        failures.append(rows[DEAD_LETTER])
-        _ = rows.rows | "WriteRows" >> WriteMetadata(
-            shared.metadata_destination, "WRITE_APPEND", shared.max_columns, name
-        )
+    if shared.metadata_destination:
+        failures += _write_rows(stored.stored, shared, mine.storage_class, name)
     _ = (
         count_failures(failures)
         | "AllFailures" >> beam.Flatten()
         | "DeadLetter" >> WriteDeadLetters(shared.dead_letter, name)
     )
+
+
+def _write_rows(
+    stored: beam.PCollection[dict], shared: SharedOptions, storage_class: str | None, name: str
+) -> list[beam.PCollection]:
+    """One CREATE row per newly stored instance, as the Healthcare API's streaming does, to every
+    destination; and, to each destination, rows for the already-present instances it has no
+    current row for (a run stopped between storing and writing rows): the dead letters."""
+    rows_of = StoredRows(shared.store, shared.exclude_vr, storage_class)
+    new = (
+        stored
+        | "NewlyStored" >> beam.Filter(lambda record: record["outcome"] == SUCCESS)
+        | "Rows" >> beam.ParDo(rows_of).with_outputs(DEAD_LETTER, main="rows")
+    )
+    present = (
+        stored
+        | "AlreadyPresent"
+        >> beam.Filter(lambda record: record["outcome"] == ALREADY_PRESENT and not record["repeated"])
+        | "PresentBatches" >> beam.BatchElements(min_batch_size=100, max_batch_size=10_000)
+    )
+    failures = [new[DEAD_LETTER]]
+    for number, destination in enumerate(shared.metadata_destination, start=1):
+        label = f"Destination{number}"
+        restored = (
+            present
+            | f"{label}WithoutRow" >> beam.ParDo(WithoutCurrentRow(destination))
+            | f"{label}RestoredRows" >> beam.ParDo(rows_of).with_outputs(DEAD_LETTER, main="rows")
+        )
+        failures.append(restored[DEAD_LETTER])
+        _ = (
+            (new.rows, restored.rows)
+            | f"{label}AllRows" >> beam.Flatten()
+            | f"{label}Write" >> WriteMetadata([destination], "WRITE_APPEND", shared.max_columns, name)
+        )
+    return failures
 
 
 def summarize(counts: dict[str, int]) -> tuple[dict[str, object], bool]:
@@ -166,7 +209,9 @@ def summarize(counts: dict[str, int]) -> tuple[dict[str, object], bool]:
     summary["bytes_read"] = counts.get("bytes_read", 0)
     summary["bytes_stored"] = counts.get("bytes_stored", 0)
     summary["metadata_rows"] = counts.get("metadata_rows", 0)
-    return summary, bool(summary["failure"] or summary["unmatched_patterns"])
+    summary["metadata_rows_restored"] = counts.get("metadata_rows_restored", 0)
+    summary["metadata_failures"] = counts.get("metadata_failures", 0)
+    return summary, bool(summary["failure"] or summary["unmatched_patterns"] or summary["metadata_failures"])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -121,6 +120,18 @@ def merge(existing: list[dict], new: list[dict], _path: str = "") -> list[dict]:
         if changed is not None:
             out[i] = changed
     return out
+
+
+def same_schema(a: list[dict], b: list[dict]) -> bool:
+    """Whether two schemas have the same fields in the same order, with the same types, modes and
+    nested fields, however the types are spelt."""
+    return len(a) == len(b) and all(
+        x["name"].lower() == y["name"].lower()
+        and _type(x) == _type(y)
+        and _mode(x) == _mode(y)
+        and same_schema(x.get("fields") or [], y.get("fields") or [])
+        for x, y in zip(a, b, strict=True)
+    )
 
 
 def column_count(schema: list[dict]) -> int:
@@ -366,11 +377,3 @@ def to_arrow(schema: list[dict]) -> pyarrow.Schema:
     import pyarrow as pa
 
     return pa.schema([_arrow_field(f) for f in schema])
-
-
-def merge_all(schemas: Iterable[list[dict]], start: list[dict] | None = None) -> list[dict]:
-    """merge of every schema in turn, starting from ``start`` (default: nothing)."""
-    result = list(start or [])
-    for s in schemas:
-        result = merge(result, s)
-    return result

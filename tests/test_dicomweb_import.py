@@ -12,8 +12,8 @@ import pytest
 from tests.conftest import run_import
 from tests.fault_proxy import Fault, FaultProxy
 from tests.orthanc_server import REJECTED_PATIENT_ID, Orthanc
+from tests.test_stores import data_set
 from transforms import dicomweb
-from transforms.dicomweb import data_set_bytes
 from transforms.file_store import FileLayoutStore
 from transforms.store import Store, open_store
 
@@ -55,7 +55,7 @@ def test_the_corpus_lands_in_orthanc_as_in_a_file_store_and_again_finds_it_there
     assert len(stored) == web.summary["success"]
     assert stored <= everything(local)
     for ref in stored:
-        assert data_set_bytes(server.read(ref)) == data_set_bytes(local.read(ref)), ref
+        assert data_set(server.read(ref)) == data_set(local.read(ref)), ref
 
 
 def test_a_reimport_finds_everything_already_present_and_adds_nothing(
@@ -85,7 +85,7 @@ def test_a_changed_instance_under_a_stored_uid_is_a_conflict_and_changes_nothing
     assert run.status == 3
     assert run.reasons() == {str(changed): "conflict"}
     (ref,) = everything(open_store(orthanc.dicomweb))
-    assert data_set_bytes(open_store(orthanc.dicomweb).read(ref)) == data_set_bytes(original.read_bytes())
+    assert data_set(open_store(orthanc.dicomweb).read(ref)) == data_set(original.read_bytes())
 
 
 def test_instances_the_server_refuses_are_dead_letters_and_the_rest_are_stored(

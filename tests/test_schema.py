@@ -4,6 +4,7 @@ BigQuery SchemaFields and as pyarrow (written to Parquet and read back with Duck
 from __future__ import annotations
 
 import datetime
+import functools
 import logging
 import warnings
 from pathlib import Path
@@ -26,7 +27,6 @@ from schemas.bigquery import (
     allowed_schema,
     column_count,
     merge,
-    merge_all,
     nesting_depth,
     restrict,
     to_arrow,
@@ -182,7 +182,7 @@ def flats(corpus: list[Path]) -> list[Flat]:
 
 @pytest.fixture(scope="session")
 def merged(flats: list[Flat]) -> list[dict]:
-    return merge_all((flat.schema for flat in flats), start=EVENT_FIELDS)
+    return functools.reduce(merge, (flat.schema for flat in flats), EVENT_FIELDS)
 
 
 def test_the_corpus_schema_is_within_bigquerys_limits(merged: list[dict]) -> None:

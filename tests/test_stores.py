@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import io
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,9 +11,11 @@ import pydicom
 import pytest
 import requests
 
+from tests.healthcare_server import STORE
 from tests.orthanc_server import Orthanc
-from transforms.dicom_header import read_header
-from transforms.dicomweb import data_set_bytes, multipart, parse_stow_response
+from transforms.dicom_header import data_set_digest, read_header
+from transforms.dicomweb import parse_stow_response
+from transforms.multipart import MultipartBody
 from transforms.objects import MatchedFile, open_ranged
 from transforms.store import (
     ALREADY_PRESENT,
@@ -27,6 +31,11 @@ from transforms.store import (
 SAMPLE = Path(__file__).resolve().parents[1] / "sample"
 
 
+def data_set(part10: bytes) -> str:
+    """A digest of the data set, the file meta group (which servers may rewrite) aside."""
+    return data_set_digest(io.BytesIO(part10))
+
+
 def parsed(path: Path) -> Parsed:
     file = MatchedFile(str(path), path.stat().st_size)
     with open_ranged(file) as stream:
@@ -39,9 +48,9 @@ def sample() -> list[Parsed]:
     return [parsed(path) for path in sorted(SAMPLE.rglob("*.dcm"))]
 
 
-@pytest.fixture(params=["local", "gcs", "orthanc"])
+@pytest.fixture(params=["local", "gcs", "orthanc", "healthcare"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    """An empty store of each kind."""
+    """An empty store of each kind (the Healthcare API's is the stand-in of tests/healthcare_server.py)."""
     if request.param == "local":
         location = str(tmp_path / "store")
     elif request.param == "gcs":
@@ -49,8 +58,11 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
         bucket = f"store-{abs(hash(tmp_path)) % 10**8}"
         client.create_bucket(bucket)
         location = f"gs://{bucket}/stores/one"
-    else:
+    elif request.param == "orthanc":
         location = request.getfixturevalue("orthanc").dicomweb
+    else:
+        request.getfixturevalue("healthcare")
+        location = STORE
     store = open_store(location)
     yield store
     store.close()
@@ -70,7 +82,7 @@ def test_written_instances_are_listed_by_study_and_series_and_read_back(
         item.ref for item in sample if item.ref.series == one.ref.series
     ]
     for item in sample:
-        assert data_set_bytes(store.read(item.ref)) == data_set_bytes(Path(item.file.uri).read_bytes())
+        assert data_set(store.read(item.ref)) == data_set(Path(item.file.uri).read_bytes())
 
 
 def test_metadata_is_dicom_json_without_the_pixels(store: Store, sample: list[Parsed]) -> None:
@@ -98,7 +110,73 @@ def test_writing_again_finds_the_same_data_present_and_different_data_a_conflict
 
     assert same.outcome == ALREADY_PRESENT
     assert (other.outcome, other.reason) == (FAILURE, "conflict")
-    assert data_set_bytes(store.read(ct.ref)) == data_set_bytes(Path(ct.file.uri).read_bytes())
+    assert data_set(store.read(ct.ref)) == data_set(Path(ct.file.uri).read_bytes())
+
+
+def moved(item: Parsed, target: Path, **uids: str) -> Parsed:
+    """The same instance (same SOP Instance UID) filed under another study or series."""
+    dataset = pydicom.dcmread(item.file.uri)
+    for keyword, value in uids.items():
+        setattr(dataset, keyword, value)
+    dataset.save_as(target)
+    return parsed(target)
+
+
+def test_the_sop_instance_uid_alone_identifies_an_instance(
+    store: Store, sample: list[Parsed], tmp_path: Path
+) -> None:
+    ct = next(item for item in sample if item.file.uri.endswith("CT_small.dcm"))
+    elsewhere = [
+        moved(ct, tmp_path / "study.dcm", StudyInstanceUID="1.2.826.0.1.3680043.99.1"),
+        moved(ct, tmp_path / "series.dcm", SeriesInstanceUID="1.2.826.0.1.3680043.99.2"),
+    ]
+    store.write([ct])
+
+    results = store.write(elsewhere)
+
+    assert [(r.outcome, r.reason) for r in results] == [(FAILURE, "conflict")] * 2
+    assert all(ct.ref.path() in r.detail for r in results)
+    assert {ref for study in store.studies() for ref in store.instances(study)} == {ct.ref}
+
+
+@pytest.mark.parametrize("kind", ["local", "gcs"])
+def test_racing_writers_of_one_sop_instance_uid_store_it_once(
+    kind: str, sample: list[Parsed], tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Eight writers (threads here; workers or runs alike) store one SOP Instance UID filed under
+    eight studies at once: the create-only claim lets exactly one of them store it."""
+    ct = next(item for item in sample if item.file.uri.endswith("CT_small.dcm"))
+    rivals = [
+        moved(ct, tmp_path / f"{n}.dcm", StudyInstanceUID=f"1.2.826.0.1.3680043.98.{n}") for n in range(8)
+    ]
+    if kind == "gcs":
+        request.getfixturevalue("gcs").create_bucket("race")
+        location = "gs://race/store"
+    else:
+        location = str(tmp_path / "store")
+    stores = [open_store(location) for _ in rivals]
+    with concurrent.futures.ThreadPoolExecutor(len(rivals)) as pool:
+        results = list(pool.map(lambda pair: pair[0].write([pair[1]])[0], zip(stores, rivals, strict=True)))
+
+    assert sorted(r.reason for r in results) == [""] + ["conflict"] * 7
+    winner = rivals[[r.outcome for r in results].index(SUCCESS)]
+    assert [ref for study in stores[0].studies() for ref in stores[0].instances(study)] == [winner.ref]
+
+
+def test_deleting_an_instance_frees_its_uid_for_another_study(
+    store: Store, sample: list[Parsed], tmp_path: Path
+) -> None:
+    if "dicom-web" in store.location:  # Orthanc's DICOMweb plugin has no DELETE (HTTP 405)
+        return
+    ct = next(item for item in sample if item.file.uri.endswith("CT_small.dcm"))
+    refiled = moved(ct, tmp_path / "refiled.dcm", StudyInstanceUID="1.2.826.0.1.3680043.99.3")
+    store.write([ct])
+    store.delete(ct.ref.study)
+
+    [result] = store.write([refiled])
+
+    assert result.outcome == SUCCESS
+    assert list(store.instances(refiled.ref.study)) == [refiled.ref]
 
 
 def test_deleting_an_instance_a_series_and_a_study(store: Store, sample: list[Parsed]) -> None:
@@ -122,10 +200,12 @@ def test_deleting_an_instance_a_series_and_a_study(store: Store, sample: list[Pa
     assert {ref for study in store.studies() for ref in store.instances(study)} == refs
 
 
-def test_orthanc_answers_stow_rs_in_xml_as_well_as_json(orthanc: Orthanc) -> None:
-    data = (SAMPLE / "ct" / "CT_small.dcm").read_bytes()
-    body, content_type = multipart([data, b"not DICOM at all"])
-    sop = pydicom.dcmread(SAMPLE / "ct" / "CT_small.dcm").SOPInstanceUID
+def test_orthanc_answers_stow_rs_in_xml_as_well_as_json(orthanc: Orthanc, tmp_path: Path) -> None:
+    ct, text = SAMPLE / "ct" / "CT_small.dcm", tmp_path / "text.dcm"
+    text.write_bytes(b"not DICOM at all")
+    stream = MultipartBody([MatchedFile(str(path), path.stat().st_size) for path in (ct, text)])
+    body, content_type = stream.read(), stream.content_type
+    sop = pydicom.dcmread(ct).SOPInstanceUID
 
     for accept in ("application/dicom+json", "application/dicom+xml"):
         response = requests.post(

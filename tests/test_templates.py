@@ -137,6 +137,7 @@ EXAMPLES = {
         invalid=["", "GLACIER", "STANDARD,NEARLINE"],
     ),
     "verify_stored": Examples(valid=["true", "false"], invalid=["yes", "1"]),
+    "max_requests_in_flight": Examples(valid=["1", "16"], invalid=["0", "-2", "many", ""]),
     "dead_letter": Examples(
         valid=["gs://archive/dead_letter", "gs://archive"],
         invalid=["gs://", "ftp://x/dead_letter"],

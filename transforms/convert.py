@@ -1,32 +1,46 @@
-"""Convert one stored instance for export: bytes in, bytes out, through pydicom's own pixel API.
+"""Convert one stored instance for export, writing its output piece by piece.
 
 Three conversions, one per export file type: `transcode` (dicom with --transfer_syntax), `frames`
-(octet-stream) and `render` (jpeg, png). Whatever pydicom or its plugins cannot decode or encode
-becomes ConversionError("cannot_convert") naming the source transfer syntax, so one odd instance is
-a dead letter rather than a failed bundle; an instance without pixels is "no_pixel_data".
+(octet-stream) and `render` (jpeg, png). The instance is read once with `read_instance` (its pixels
+held as stored: compressed, or native); frames are then decoded, converted and handed on one at a
+time, so converting a file of size S holds about S plus one frame, never the whole decoded volume.
+Whatever pydicom, a codec plugin or a native codec raises (a Rust codec's panic included) becomes
+ItemFailed("cannot_convert") naming the source transfer syntax, so one odd instance is a dead letter
+rather than a failed run; an instance without pixels is "no_pixel_data".
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
+import itertools
+import os
+import struct
+import tempfile
 import warnings
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any, BinaryIO
 
 import numpy as np
 import pydicom
 from PIL import Image, ImageCms
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomIO
+from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.pixels import (
     apply_color_lut,
     apply_icc_profile,
     apply_modality_lut,
     apply_voi,
     apply_windowing,
+    as_pixel_options,
     create_icc_transform,
+    get_decoder,
+    get_encoder,
     iter_pixels,
     pack_bits,
-    pixel_array,
 )
 from pydicom.uid import (
     UID,
@@ -39,6 +53,11 @@ from pydicom.uid import (
     RLELossless,
 )
 
+from transforms.dicom_header import check_inflated_size
+from transforms.failures import ItemFailed, describe, item_failure
+from transforms.objects import IO_ERRORS, copy, delete_tree, write_bytes
+
+FILE_TYPES = {"dicom": "dcm", "octet-stream": "bin", "jpeg": "jpg", "png": "png"}
 TRANSFER_SYNTAXES: dict[str, str] = {
     ExplicitVRLittleEndian: "explicit-vr-little-endian",
     ImplicitVRLittleEndian: "implicit-vr-little-endian",
@@ -52,88 +71,262 @@ IMAGE_FORMATS = {"jpeg": {"format": "JPEG", "quality": 90}, "png": {"format": "P
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 PIXEL_DATA = 0x7FE00010
 WORD_SIZES = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}  # values byte-swapped between endiannesses
+MAX_INFLATED = 128 * 1024 * 1024  # a deflated instance inflating to more is too_large to convert
+ITEM, SEQUENCE_DELIMITER = (0xFFFE, 0xE000), (0xFFFE, 0xE0DD)
 
 
-class ConversionError(Exception):
-    """An instance that cannot be converted; `reason` becomes the dead letter's reason."""
+def convert_file(local: str, stem: str, file_type: str, transfer_syntax: str | None, root: str) -> list[str]:
+    """Write what the instance in the local file `local` becomes, as `{stem}.{extension}` under
+    `root` (an export's output): transcoded DICOM, or one file per frame, `{stem}.{ext}` for one
+    frame and `{stem}_{frame:04d}.{ext}` (counted from 1) for several. The names written, or
+    ItemFailed with none of them left behind: an instance is exported whole or not at all."""
+    written: list[str] = []
+    try:
+        ds = read_instance(local)
+        if file_type == "dicom":
+            _write_dicom(ds, local, f"{stem}.dcm", transfer_syntax or "", root)
+            written.append(f"{stem}.dcm")
+            return written
+        parts = frames(ds) if file_type == "octet-stream" else render(ds, file_type)
+        extension, several = FILE_TYPES[file_type], frame_count(ds) > 1
+        for number, part in enumerate(parts, start=1):
+            name = f"{stem}_{number:04d}.{extension}" if several else f"{stem}.{extension}"
+            with _failing_as_write_error():
+                write_bytes(name, part, root=root)
+            written.append(name)
+        return written
+    except BaseException:
+        for name in written:
+            with contextlib.suppress(*IO_ERRORS):
+                delete_tree(name)
+        raise
 
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
+
+def _write_dicom(ds: Dataset, local: str, name: str, transfer_syntax: str, root: str) -> None:
+    """`local` as `name`, transcoded unless it is in `transfer_syntax` already."""
+    with tempfile.TemporaryDirectory(prefix="dicom-etl-") as directory:
+        source = local
+        if ds.file_meta.get("TransferSyntaxUID") != transfer_syntax:
+            source = os.path.join(directory, "transcoded.dcm")
+            with open(source, "wb") as out:
+                transcode(ds, transfer_syntax, out)
+        with _failing_as_write_error():
+            copy(source, name, root=root)
 
 
-def transcode(data: bytes, transfer_syntax: str) -> bytes:
-    """`data` re-encoded losslessly in `transfer_syntax`, keeping its SOP Instance UID.
+@contextmanager
+def _failing_as_write_error() -> Iterator[None]:
+    try:
+        yield
+    except IO_ERRORS as error:
+        raise ItemFailed("write_error", describe(error)) from error
 
-    Already in that syntax: `data` unchanged. Without Pixel Data (SR, RT plan...) the data set is
-    only re-encoded (compressed syntaxes encode it as explicit VR little endian). A lossy source is
-    decoded and its decoded pixels stored losslessly: nothing further is lost. Compressed sources
-    are decoded as pydicom decodes them, YBR as RGB (Photometric Interpretation updated to match).
+
+def read_instance(source: str | BinaryIO) -> Dataset:
+    """The whole instance, pixels as stored, for conversion: a path or a seekable binary file.
+
+    A deflated data set is measured in bounded steps first (pydicom inflates it at once): past
+    MAX_INFLATED it is too_large, so a small deflate bomb cannot take the worker's memory.
+    """
+    with _quiet(), _cannot("read the file"):
+        if isinstance(source, str):
+            with open(source, "rb") as stream:
+                check_inflated_size(stream, MAX_INFLATED)
+        else:
+            check_inflated_size(source, MAX_INFLATED)
+            source.seek(0)
+        return pydicom.dcmread(source)
+
+
+def frame_count(ds: Dataset) -> int:
+    """How many frames the instance holds (its files are named after the count)."""
+    try:
+        return max(int(ds.get("NumberOfFrames") or 1), 1)
+    except (TypeError, ValueError):
+        return 1
+
+
+def transcode(ds: Dataset, transfer_syntax: str, out: BinaryIO) -> None:
+    """`ds` written to `out` losslessly in `transfer_syntax`, keeping its SOP Instance UID.
+
+    Without Pixel Data (SR, RT plan...) the data set is only re-encoded (compressed syntaxes encode
+    it as explicit VR little endian); native little endian pixels between native syntaxes are
+    copied as they are. Otherwise frames are decoded one at a time, as pydicom decodes them (YBR
+    as RGB for compressed sources, Photometric Interpretation updated to match), and written native
+    or encoded frame by frame. A lossy source's decoded pixels are stored losslessly: nothing
+    further is lost. The caller copies an instance already in `transfer_syntax` unchanged.
     """
     target = UID(transfer_syntax)
     if target not in TRANSFER_SYNTAXES:  # the export pipeline checks the flag before it starts
         raise ValueError(f"unsupported transfer syntax {transfer_syntax!r}")
-    with _quiet():
-        ds = _read(data)
-        if ds.file_meta.get("TransferSyntaxUID") == target:
-            return data
-        source = _source_syntax(ds)
-        with _cannot(source, f"transcode to {target.name}"):
-            ds.file_meta.TransferSyntaxUID = source  # when guessed: decompress() and compress() read it
-            pixels = "PixelData" in ds
-            if pixels and source.is_compressed:
-                ds.decompress(generate_instance_uid=False)
-            elif pixels and (not source.is_little_endian or (target.is_compressed and _as_planes(ds))):
-                _store_decoded(ds)
-            _resolve(ds, swap=not source.is_little_endian)
+    source = _source_syntax(ds)
+    with _quiet(), _cannot(f"transcode from {source.name} to {target.name}"):
+        ds.file_meta.TransferSyntaxUID = source  # when guessed: the decoders read it
+        native_copy = not source.is_compressed and source.is_little_endian and not target.is_compressed
+        if "PixelData" not in ds or native_copy:
             if target.is_compressed and _has_pixels(ds):
-                ds.compress(target, generate_instance_uid=False)
+                raise ValueError("float pixel data has no lossless encoder")
+            _resolve(ds, swap=not source.is_little_endian)
             ds.file_meta.TransferSyntaxUID = target
-            out = io.BytesIO()
             pydicom.dcmwrite(out, ds)  # in the meta's syntax; save_as() refuses a big endian source
-            return out.getvalue()
+            return
+        decoded = get_decoder(source).iter_array(
+            ds, validate=True, raw=not source.is_compressed, **as_pixel_options(ds)
+        )
+        first, image_pixel = next(decoded)
+        ds.PhotometricInterpretation = image_pixel["photometric_interpretation"]  # as decompress()
+        if int(image_pixel["samples_per_pixel"]) > 1:
+            ds.PlanarConfiguration = 0
+        arrays = itertools.chain([first], (arr for arr, _ in decoded))
+        _resolve(ds, swap=not source.is_little_endian)
+        ds.file_meta.TransferSyntaxUID = target
+        _write_streamed(ds, target, out, _pixel_value(ds, target, arrays, first))
 
 
-def frames(data: bytes) -> list[bytes]:
+def frames(ds: Dataset) -> Iterator[bytes]:
     """Each frame's pixels as DICOMweb's application/octet-stream frames: native little endian.
 
     Decoded as pydicom decodes them: samples interleaved (planar configuration 0), YBR as RGB (what
     JPEG decoders mostly give anyway), palette colour as indices, signed values sign-extended.
     BitsAllocated 1 frames are packed bits as DICOM stores them, ceil(rows * columns / 8) bytes.
     """
-    with _quiet():
-        ds = _pixel_dataset(data)
-        with _cannot(_source_syntax(ds), "decode"):
-            single_bit = ds.get("BitsAllocated") == 1
-            return [
-                pack_bits(arr) if single_bit else arr.astype(arr.dtype.newbyteorder("<")).tobytes()
-                for arr in iter_pixels(ds)
-            ]
+    action = f"decode from {_pixel_syntax(ds).name}"
+    single_bit = ds.get("BitsAllocated") == 1
+    with _quiet(), _cannot(action):
+        arrays = iter_pixels(ds)
+    while True:
+        with _quiet(), _cannot(action):
+            arr = next(arrays, None)
+            if arr is None:
+                return
+            data = pack_bits(arr) if single_bit else arr.astype(arr.dtype.newbyteorder("<")).tobytes()
+        yield data
 
 
-def render(data: bytes, image_format: str) -> list[bytes]:
+def render(ds: Dataset, image_format: str) -> Iterator[bytes]:
     """One 8-bit jpeg or png per frame, grey or RGB, as a viewer would first show it.
 
     Grey: Modality LUT or rescale, then the first VOI LUT or window (else the frame's range) mapped
     to 0-255, MONOCHROME1 inverted. Colour: RGB (YBR converted), palette through its LUT, scaled to
-    8 bits, then to sRGB through the ICC profile if there is one. Frames are decoded one at a time
-    so a long multi-frame never sits whole in memory.
+    8 bits, then to sRGB through the ICC profile if there is one.
     """
     if image_format not in IMAGE_FORMATS:
         raise ValueError(f"unsupported image format {image_format!r}")
-    with _quiet():
-        ds = _pixel_dataset(data)
-        with _cannot(_source_syntax(ds), f"render as {image_format}"):
-            images, transform = [], _icc_transform(ds)
-            for index, arr in enumerate(iter_pixels(ds)):
-                pixels = _eight_bit(arr, _frame_view(ds, index))
-                if transform is not None and pixels.ndim == 3:
-                    pixels = apply_icc_profile(pixels, transform=transform)
-                out = io.BytesIO()
-                Image.fromarray(pixels).save(out, **IMAGE_FORMATS[image_format])
-                images.append(out.getvalue())
-            return images
+    action = f"render as {image_format} from {_pixel_syntax(ds).name}"
+    with _quiet(), _cannot(action):
+        arrays, transform = iter_pixels(ds), _icc_transform(ds)
+    for index in itertools.count():
+        with _quiet(), _cannot(action):
+            arr = next(arrays, None)
+            if arr is None:
+                return
+            pixels = _eight_bit(arr, _frame_view(ds, index))
+            if transform is not None and pixels.ndim == 3:
+                pixels = apply_icc_profile(pixels, transform=transform)
+            out = io.BytesIO()
+            Image.fromarray(pixels).save(out, **IMAGE_FORMATS[image_format])
+        yield out.getvalue()
+
+
+def _pixel_syntax(ds: Dataset) -> UID:
+    """The source syntax of an instance whose pixels are wanted; no_pixel_data if it has none."""
+    if not _has_pixels(ds):
+        raise ItemFailed("no_pixel_data", "the instance has no Pixel Data")
+    ds.file_meta.TransferSyntaxUID = _source_syntax(ds)  # the decoders need it, even when guessed
+    return ds.file_meta.TransferSyntaxUID
+
+
+def _pixel_value(
+    ds: Dataset, target: UID, arrays: Iterator[np.ndarray], first: np.ndarray
+) -> Iterator[bytes]:
+    """The Pixel Data element of `target`, header included, in pieces: native cells with their
+    length known from the first frame, or one encoded fragment per frame."""
+    implicit = target.is_implicit_VR
+    if target.is_compressed:
+        options = as_pixel_options(ds, number_of_frames=1)
+        encoder = get_encoder(target)
+        yield _element_header(PIXEL_DATA, "OB", 0xFFFFFFFF, implicit) + _item(b"")  # empty offset table
+        for arr in arrays:
+            yield _item(encoder.encode(arr, validate=True, **options))
+        yield struct.pack("<HHL", *SEQUENCE_DELIMITER, 0)
+        return
+    vr = "OB" if ds.BitsAllocated <= 8 else "OW"
+    if ds.BitsAllocated == 1:  # bits packed across frame boundaries: small enough to pack at once
+        cells = pack_bits(np.stack(list(arrays)))
+        yield _element_header(PIXEL_DATA, vr, len(cells) + len(cells) % 2, implicit) + cells
+        yield b"\0" * (len(cells) % 2)
+        return
+    length = frame_count(ds) * first.nbytes
+    if length >= 0xFFFFFFFF:
+        raise ValueError(f"{length} bytes of native pixels do not fit one DICOM element")
+    yield _element_header(PIXEL_DATA, vr, length + length % 2, implicit)
+    written = 0
+    for arr in arrays:
+        cells = arr.astype(arr.dtype.newbyteorder("<")).tobytes()
+        written += len(cells)
+        yield cells
+    if written != length:
+        raise ValueError(f"the frames hold {written} bytes, not the {length} their attributes give")
+    yield b"\0" * (length % 2)
+
+
+def _element_header(tag: int, vr: str, length: int, implicit: bool) -> bytes:
+    if implicit:
+        return struct.pack("<HHL", tag >> 16, tag & 0xFFFF, length)
+    return struct.pack("<HH2sHL", tag >> 16, tag & 0xFFFF, vr.encode(), 0, length)
+
+
+def _item(data: bytes) -> bytes:
+    padded = data + b"\0" * (len(data) % 2)
+    return struct.pack("<HHL", *ITEM, len(padded)) + padded
+
+
+def _write_streamed(ds: Dataset, target: UID, out: BinaryIO, pixels: Iterator[bytes]) -> None:
+    """A Part 10 file as dcmwrite writes it, with Pixel Data written piece by piece; a deflated
+    target's data set goes through one streaming compressor."""
+    fp = DicomIO(out)
+    fp.is_implicit_VR, fp.is_little_endian = target.is_implicit_VR, True
+    fp.write(ds.preamble or b"\0" * 128)
+    fp.write(b"DICM")
+    write_file_meta_info(fp, ds.file_meta, enforce_standard=False)
+    deflater = _Deflater(out) if target == DeflatedExplicitVRLittleEndian else None
+    body = fp if deflater is None else DicomIO(deflater)
+    body.is_implicit_VR, body.is_little_endian = target.is_implicit_VR, True
+    write_dataset(body, ds[:PIXEL_DATA], ds.original_character_set)
+    for piece in pixels:
+        body.write(piece)
+    write_dataset(body, ds[PIXEL_DATA + 1 :], ds.original_character_set)
+    if deflater is not None:
+        deflater.finish()
+
+
+class _Deflater(io.RawIOBase):
+    """A write-only stream deflating into `out` (raw deflate, as PS3.5 A.5 asks), padded to even."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        super().__init__()
+        self.out = out
+        self.compressor = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+        self.position = 0
+        self.written = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        chunk = self.compressor.compress(bytes(data))
+        self.out.write(chunk)
+        self.written += len(chunk)
+        self.position += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.position
+
+    def finish(self) -> None:
+        rest = self.compressor.flush()
+        self.written += len(rest)
+        self.out.write(rest + b"\0" * (self.written % 2))
 
 
 @contextmanager
@@ -145,31 +338,16 @@ def _quiet() -> Iterator[None]:
 
 
 @contextmanager
-def _cannot(source: UID, action: str) -> Iterator[None]:
-    """Any failure of pydicom or a plugin (they raise many types) as cannot_convert."""
+def _cannot(action: str) -> Iterator[None]:
+    """Whatever pydicom, a plugin or a native codec raises, as cannot_convert (they raise many types,
+    BaseExceptions among them); our own ItemFailed and interrupts pass through."""
     try:
         yield
-    except ConversionError:
-        raise
-    except Exception as error:
-        message = " ".join(str(error).split())  # pydicom's messages span lines
-        detail = f"cannot {action} from {source.name}: {type(error).__name__}: {message}"
-        raise ConversionError("cannot_convert", detail[:400]) from error
-
-
-def _read(data: bytes) -> Dataset:
-    try:
-        return pydicom.dcmread(io.BytesIO(data))
-    except Exception as error:
-        raise ConversionError("cannot_convert", f"pydicom cannot read the file: {error}"[:300]) from error
-
-
-def _pixel_dataset(data: bytes) -> Dataset:
-    ds = _read(data)
-    if not _has_pixels(ds):
-        raise ConversionError("no_pixel_data", "the instance has no Pixel Data")
-    ds.file_meta.TransferSyntaxUID = _source_syntax(ds)  # the decoders need it, even when guessed
-    return ds
+    except BaseException as error:  # item_failure re-raises interrupts
+        failed = item_failure(error, "cannot_convert")
+        if failed is error:
+            raise
+        raise ItemFailed("cannot_convert", f"cannot {action}: {describe(error)}"[:500]) from error
 
 
 def _has_pixels(ds: Dataset) -> bool:
@@ -184,30 +362,6 @@ def _source_syntax(ds: Dataset) -> UID:
     if implicit:
         return ImplicitVRLittleEndian
     return ExplicitVRLittleEndian if little else ExplicitVRBigEndian
-
-
-def _as_planes(ds: Dataset) -> bool:
-    """Native colour stored plane by plane, or YBR_FULL_422 (one Cb and Cr per two pixels): what
-    pydicom's encoders do not read right (planes) or at all (4:2:2), so they get decoded pixels."""
-    return ds.get("PlanarConfiguration") == 1 or ds.get("PhotometricInterpretation") == "YBR_FULL_422"
-
-
-def _store_decoded(ds: Dataset) -> None:
-    """Native Pixel Data replaced by its own decoding: little endian, pixel by pixel, 4:2:2 made full.
-
-    For big endian sources too: pydicom writes byte strings as read, and Pixel Data's word size
-    depends on BitsAllocated (1-bit data is packed in 16-bit words), so it is decoded, not swapped.
-    """
-    arr = pixel_array(ds, raw=True)
-    bits = ds.BitsAllocated
-    cells = pack_bits(arr) if bits == 1 else arr.astype(arr.dtype.newbyteorder("<")).tobytes()
-    if ds.get("PhotometricInterpretation") == "YBR_FULL_422":
-        ds.PhotometricInterpretation = "YBR_FULL"
-    if "PlanarConfiguration" in ds:
-        ds.PlanarConfiguration = 0
-    ds.PixelData = cells + b"\0" * (len(cells) % 2)
-    ds["PixelData"].VR = "OW" if bits > 8 else "OB"
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
 
 
 def _resolve(ds: Dataset, swap: bool) -> None:

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from transforms import NAMESPACE
+from transforms.objects import clean_staging, join, write_bytes
 
 DEAD_LETTER = "dead_letter"
+LINES_PER_FILE = 10_000
 
 
 def failure(uri: str, stage: str, reason: str, detail: str = "") -> beam.pvalue.TaggedOutput:
@@ -23,7 +27,9 @@ class WriteDeadLetters(beam.PTransform):
     """Count failures by reason and write them under `directory` as `{name}-*.jsonl`.
 
     Each run writes its own files (`name` carries the run's timestamp), so no earlier dead letter
-    is overwritten; a run without failures writes no file.
+    is overwritten; a run without failures writes no file. Each file appears whole (written aside,
+    then moved into place), as soon as its bundle is done: a run stopped midway keeps the dead
+    letters of the bundles it finished, and leaves no temporary files a later run cannot remove.
     """
 
     def __init__(self, directory: str, name: str) -> None:
@@ -31,18 +37,44 @@ class WriteDeadLetters(beam.PTransform):
         self.directory = directory
         self.name = name
 
-    def expand(self, records: beam.PCollection[dict[str, Any]]) -> beam.pvalue.PDone:
+    def expand(self, records: beam.PCollection[dict[str, Any]]) -> beam.PCollection[str]:
         return (
             records
             | "CountReasons" >> beam.Map(_count_reason)
-            | "ToJson" >> beam.Map(lambda record: json.dumps(record, sort_keys=True))
-            | "Write"
-            >> beam.io.WriteToText(
-                f"{self.directory.rstrip('/')}/{self.name}",
-                file_name_suffix=".jsonl",
-                skip_if_empty=True,
-            )
+            | "Write" >> beam.ParDo(_WriteJsonLines(self.directory, self.name))
         )
+
+
+class _WriteJsonLines(beam.DoFn):
+    """Records -> files of at most LINES_PER_FILE JSON lines; yields the files' paths."""
+
+    def __init__(self, directory: str, name: str) -> None:
+        self.directory = directory
+        self.name = name
+
+    def setup(self) -> None:
+        clean_staging(self.directory)
+
+    def teardown(self) -> None:
+        clean_staging(self.directory)  # the staging directory, once empty
+
+    def start_bundle(self) -> None:
+        self.lines: list[str] = []
+
+    def process(self, record: dict[str, Any]) -> Iterator[str]:
+        self.lines.append(json.dumps(record, sort_keys=True))
+        if len(self.lines) >= LINES_PER_FILE:
+            yield self._write()
+
+    def finish_bundle(self) -> Iterator[Any]:
+        if self.lines:
+            yield beam.transforms.window.GlobalWindows.windowed_value(self._write())
+
+    def _write(self) -> str:
+        path = join(self.directory, f"{self.name}-{uuid.uuid4().hex[:12]}.jsonl")
+        write_bytes(path, "".join(f"{line}\n" for line in self.lines).encode(), root=self.directory)
+        self.lines = []
+        return path
 
 
 def _count_reason(record: dict[str, Any]) -> dict[str, Any]:

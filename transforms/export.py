@@ -9,22 +9,28 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from transforms import NAMESPACE
-from transforms.convert import ConversionError, frames, render, transcode
+from transforms.convert import convert_file
 from transforms.dead_letter import failure
 from transforms.dicom_header import valid_uid
-from transforms.objects import IO_ERRORS, is_gcs, join, write_bytes
+from transforms.failures import ItemFailed, describe, item_failure
+from transforms.isolated import Isolated
+from transforms.objects import IO_ERRORS, clean_staging, is_gcs, join
 from transforms.progress import Progress
 from transforms.store import InstanceRef, open_store
 
-FILE_TYPES = {"dicom": "dcm", "octet-stream": "bin", "jpeg": "jpg", "png": "png"}
+STAGES = {"invalid_uid": "select", "not_found": "read", "read_error": "read", "write_error": "write"}
+CONVERT_SECONDS = 600  # the most a conversion may take, plus CONVERT_SECONDS_PER_MB of its file
+CONVERT_SECONDS_PER_MB = 10
 
 
 class ExportInstances(beam.DoFn):
     """InstanceRef -> the files written for it, under `{output}/{study}/{series}/`.
 
     `dicom` writes `{sop}.dcm`, unchanged (copied server-side when both ends are in GCS) or
-    transcoded to `transfer_syntax`; the other types write one file per frame: `{sop}.{ext}` for a
-    single frame, `{sop}_{frame:04d}.{ext}` (frames counted from 1) for several.
+    transcoded to `transfer_syntax`; the other types write one file per frame (see
+    convert.convert_file). Conversions read the instance from a local file (the stored file, or a
+    temporary copy) in a child process (transforms/isolated.py): a codec that crashes or hangs on
+    a hostile file costs that instance a `cannot_convert` dead letter, not the run.
     """
 
     def __init__(self, store_location: str, output: str, file_type: str, transfer_syntax: str | None) -> None:
@@ -39,61 +45,57 @@ class ExportInstances(beam.DoFn):
 
     def setup(self) -> None:
         self.store = open_store(self.store_location)
+        self.converter = Isolated("cannot_convert")
         self.progress = Progress("export_dicom")
         if not is_gcs(self.output):  # the contract: {output} exists after an export
             os.makedirs(self.output, exist_ok=True)
+            clean_staging(self.output)
 
     def process(self, ref: InstanceRef) -> Iterator[str | beam.pvalue.TaggedOutput]:
         path = ref.path()
         bad = next((uid for uid in ref if not valid_uid(uid)), None)
         if bad is not None:  # a UID from the store becomes a path only if it is a valid UID
-            yield self._fail(path, "select", "invalid_uid", f"{bad[:80]!r} is not 1-64 digits and dots")
+            yield self._fail(path, "invalid_uid", f"{bad[:80]!r} is not 1-64 digits and dots")
             return
         stem = join(self.output, ref.study, ref.series, ref.sop)
-        stage = "read"
         try:
-            if self.file_type == "dicom" and self.transfer_syntax is None:
-                stage = "write"
-                self.counters["bytes_through_worker"].inc(self.store.copy_instance(ref, f"{stem}.dcm"))
-                written = [f"{stem}.dcm"]
-            else:
-                data = self.store.read(ref)
-                self.counters["bytes_through_worker"].inc(len(data))
-                stage = "convert"
-                files = self._convert(data, stem)
-                stage = "write"
-                for name, content in files:
-                    write_bytes(name, content)
-                written = [name for name, _ in files]
-        except ConversionError as error:
-            yield self._fail(path, stage, error.reason, error.detail)
-            return
+            written = self._export(ref, stem)
         except FileNotFoundError as error:
-            yield self._fail(path, stage, "not_found", f"the store holds no such instance: {error}")
+            yield self._fail(path, "not_found", f"the store holds no such instance: {error}")
             return
-        except IO_ERRORS as error:
-            reason = "write_error" if stage == "write" else "read_error"
-            yield self._fail(path, stage, reason, f"{type(error).__name__}: {error}")
+        except BaseException as error:  # item_failure re-raises interrupts
+            failed = item_failure(error, "read_error")
+            yield self._fail(path, failed.reason, failed.detail)
             return
         self.counters["success"].inc()
         self.counters["files_written"].inc(len(written))
         self.progress.add("success")
         yield from written
 
-    def _convert(self, data: bytes, stem: str) -> list[tuple[str, bytes]]:
-        """(file name, content) for each file this instance becomes."""
-        if self.file_type == "dicom":
-            return [(f"{stem}.dcm", transcode(data, self.transfer_syntax or ""))]
-        parts = frames(data) if self.file_type == "octet-stream" else render(data, self.file_type)
-        extension = FILE_TYPES[self.file_type]
-        if len(parts) == 1:
-            return [(f"{stem}.{extension}", parts[0])]
-        return [(f"{stem}_{number:04d}.{extension}", part) for number, part in enumerate(parts, start=1)]
+    def _export(self, ref: InstanceRef, stem: str) -> list[str]:
+        if self.file_type == "dicom" and self.transfer_syntax is None:
+            try:
+                moved = self.store.copy_instance(ref, f"{stem}.dcm", self.output)
+            except FileNotFoundError:
+                raise
+            except IO_ERRORS as error:
+                raise ItemFailed("write_error", describe(error)) from error
+            self.counters["bytes_through_worker"].inc(moved)
+            return [f"{stem}.dcm"]
+        with self.store.spool(ref) as local:
+            size = os.path.getsize(local)
+            self.counters["bytes_through_worker"].inc(size)
+            timeout = CONVERT_SECONDS + CONVERT_SECONDS_PER_MB * size / 1e6
+            return self.converter.call(
+                convert_file, local, stem, self.file_type, self.transfer_syntax, self.output, timeout=timeout
+            )
 
-    def _fail(self, path: str, stage: str, reason: str, detail: str) -> beam.pvalue.TaggedOutput:
+    def _fail(self, path: str, reason: str, detail: str) -> beam.pvalue.TaggedOutput:
         self.counters["failure"].inc()
         self.progress.add(reason)
-        return failure(path, stage, reason, detail)
+        return failure(path, STAGES.get(reason, "convert"), reason, detail)
 
     def teardown(self) -> None:
+        self.converter.close()
         self.store.close()
+        clean_staging(self.output)  # the staging directory, once empty

@@ -1,8 +1,21 @@
-"""The file-layout store: instances kept byte-identical at a path made of their UIDs."""
+"""The file-layout store: instances kept byte-identical at a path made of their UIDs.
+
+The SOP Instance UID alone identifies an instance, as in a DICOMweb server, but the layout puts
+two other UIDs in its path. So the store keeps an index with one small file per instance,
+`{root}/index/sop/{xx}/{SOP Instance UID}` (xx: two hex digits of its SHA-1, spreading the files
+over 256 directories), holding the instance's path `/studies/S/series/R/instances/I`. A write first
+claims the UID by creating its index file, create-only: two writers (workers or runs) can never
+both claim it, and finding the claim of another study or series takes one read, whatever the size
+of the store. Deleting an instance releases its claim.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import os
 import re
+import tempfile
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -10,21 +23,35 @@ from google.api_core import exceptions as google_errors
 from pydicom.dataset import Dataset
 
 from transforms.dicom_header import read_header
+from transforms.failures import describe
 from transforms.objects import (
     IO_ERRORS,
     Lister,
     MatchedFile,
+    clean_staging,
     copy,
     delete_tree,
+    download,
     fingerprint,
+    gcs_client,
     is_gcs,
     join,
     open_ranged,
     read_bytes,
     size_of,
     split_gcs,
+    write_bytes,
 )
-from transforms.store import ALREADY_PRESENT, FAILURE, SUCCESS, InstanceRef, Parsed, Store, Written
+from transforms.store import (
+    ALREADY_PRESENT,
+    FAILURE,
+    SUCCESS,
+    BlobInfo,
+    InstanceRef,
+    Parsed,
+    Store,
+    Written,
+)
 
 INSTANCE_PATH = re.compile(r"studies/([0-9.]+)/series/([0-9.]+)/instances/([0-9.]+)\.dcm")
 
@@ -46,24 +73,60 @@ class FileLayoutStore(Store):
     def write(self, batch: Sequence[Parsed]) -> list[Written]:
         return [self._put(item) for item in batch]
 
-    def _put(self, item: Parsed) -> Written:
-        """Copy the file unchanged; same size and CRC32C as a stored file is ALREADY_PRESENT.
+    def remove_leftovers(self) -> None:
+        clean_staging(self.root)
 
-        Existence is checked first so that a re-run copies nothing; the create-only copy still
-        settles a race between two writers.
+    def _put(self, item: Parsed) -> Written:
+        """Claim the SOP Instance UID, then copy the file unchanged; the same size and CRC32C as
+        the stored file is ALREADY_PRESENT, a claim by another study or series a conflict.
+
+        Where the claim was there already, the stored file's existence is checked first, so that
+        a re-run copies nothing; the create-only copy still settles a race between two writers.
         """
         target = self.instance_uri(item.ref)
         try:
-            existing = fingerprint(target)
-            if existing is None and copy(item.file.uri, target, create_only=True):
+            holder, claimed_now = self._claim(item.ref)
+            if holder != item.ref.path():
+                return Written(FAILURE, target, "conflict", self._claimed_elsewhere(item.ref, holder))
+            existing = None if claimed_now else fingerprint(target)
+            if existing is None and self._copy_claimed(item, target, claimed_now):
                 return Written(SUCCESS, target)
             same = fingerprint(item.file.uri) == (existing or fingerprint(target))
         except IO_ERRORS as error:
-            return Written(FAILURE, target, "write_error", f"{type(error).__name__}: {error}")
+            return Written(FAILURE, target, "write_error", describe(error))
         if same:
             return Written(ALREADY_PRESENT, target)
         detail = f"{target} holds different bytes for SOP Instance UID {item.ref.sop}"
         return Written(FAILURE, target, "conflict", detail)
+
+    def _claim(self, ref: InstanceRef) -> tuple[str, bool]:
+        """The instance path that holds the SOP Instance UID's claim, and whether we made it now."""
+        index = self._index_uri(ref.sop)
+        if write_bytes(index, ref.path().encode(), root=self.root, create_only=True):
+            return ref.path(), True
+        return read_bytes(index).decode("utf-8", "replace"), False
+
+    def _copy_claimed(self, item: Parsed, target: str, claimed_now: bool) -> bool:
+        """The create-only copy; a claim made for a copy that failed is released again."""
+        try:
+            return copy(item.file.uri, target, root=self.root, create_only=True)
+        except BaseException:
+            if claimed_now:
+                with contextlib.suppress(*IO_ERRORS):
+                    delete_tree(self._index_uri(item.ref.sop))
+            raise
+
+    def _claimed_elsewhere(self, ref: InstanceRef, holder: str) -> str:
+        detail = f"SOP Instance UID {ref.sop} is already stored as {holder[:300]} in {self.root}"
+        match = INSTANCE_PATH.fullmatch(holder.lstrip("/") + ".dcm")
+        if match is None or fingerprint(self.instance_uri(InstanceRef(*match.groups()))) is None:
+            index = self._index_uri(ref.sop)
+            detail += f", but no file is there (an interrupted import: re-run it, or remove {index})"
+        return detail
+
+    def _index_uri(self, sop: str) -> str:
+        shard = hashlib.sha1(sop.encode()).hexdigest()[:2]
+        return join(self.root, "index", "sop", shard, sop)
 
     def studies(self) -> Iterator[str]:
         lister, prefix = self._lister(join(self.root, "studies") + "/")
@@ -81,23 +144,46 @@ class FileLayoutStore(Store):
             if match:
                 yield InstanceRef(*match.groups())
 
-    def read(self, ref: InstanceRef) -> bytes:
-        return read_bytes(self.instance_uri(ref))
-
-    def copy_instance(self, ref: InstanceRef, destination: str) -> int:
+    def copy_instance(self, ref: InstanceRef, destination: str, root: str) -> int:
         """A server-side copy when both ends are in GCS: no bytes pass through the worker."""
         source = self.instance_uri(ref)
         if is_gcs(source) and is_gcs(destination):  # the rewrite itself says when there is no source
             try:
-                copy(source, destination)
+                copy(source, destination, root=root)
             except google_errors.NotFound:
                 raise FileNotFoundError(source) from None
             return 0
         size = size_of(source)
         if size is None:
             raise FileNotFoundError(source)
-        copy(source, destination)
+        copy(source, destination, root=root)
         return size
+
+    @contextlib.contextmanager
+    def spool(self, ref: InstanceRef) -> Iterator[str]:
+        """The stored file itself when local, else a temporary download of it."""
+        source = self.instance_uri(ref)
+        if not is_gcs(source):
+            if not os.path.isfile(source):
+                raise FileNotFoundError(source)
+            yield source
+            return
+        with tempfile.TemporaryDirectory(prefix="dicom-etl-") as directory:
+            local = os.path.join(directory, "instance.dcm")
+            download(source, local)
+            yield local
+
+    def blob_info(self, ref: InstanceRef) -> BlobInfo:
+        """The file's size; on gs:// the object's size and storage class (a local file has none).
+        FileNotFoundError if there is no such instance."""
+        uri = self.instance_uri(ref)
+        if not is_gcs(uri):
+            return BlobInfo(os.path.getsize(uri), None)
+        bucket, name = split_gcs(uri)
+        blob = gcs_client().bucket(bucket).get_blob(name)
+        if blob is None:
+            raise FileNotFoundError(uri)
+        return BlobInfo(blob.size, blob.storage_class)
 
     def metadata(self, ref: InstanceRef) -> dict[str, Any]:
         return self.dataset(ref).to_json_dict()
@@ -111,10 +197,25 @@ class FileLayoutStore(Store):
         with open_ranged(MatchedFile(uri, size)) as stream:
             return read_header(stream, size).dataset
 
-    def delete(self, study: str, series: str | None = None, sop: str | None = None) -> None:
+    def delete(
+        self,
+        study: str,
+        series: str | None = None,
+        sop: str | None = None,
+        listed: Sequence[InstanceRef] | None = None,
+    ) -> None:
+        """Each instance file, then its claim; then what is left under a study or series."""
         if sop is not None and series is not None:
-            delete_tree(self.instance_uri(InstanceRef(study, series, sop)))
+            refs: Sequence[InstanceRef] = [InstanceRef(study, series, sop)]
         else:
+            refs = list(self.instances(study, series)) if listed is None else listed
+        for ref in refs:
+            delete_tree(self.instance_uri(ref))
+            index = self._index_uri(ref.sop)
+            with contextlib.suppress(FileNotFoundError):
+                if read_bytes(index).decode("utf-8", "replace") == ref.path():
+                    delete_tree(index)
+        if sop is None:
             delete_tree(join(self.root, "studies", study, *(["series", series] if series else [])))
 
     @staticmethod

@@ -573,6 +573,9 @@ def _flatten_into(
         try:
             if type(elem) is RawDataElement:
                 vr = elem.VR or info.implicit_vr
+                if elem.value is None and elem.length:  # left unread by the header reader: too large
+                    ctx.drop(prefix + info.name, EXCLUDED_VR if vr in excluded else TOO_LARGE)
+                    continue
                 if vr is not None and vr != "UN":  # pydicom replaces a UN it knows better
                     if vr in excluded:
                         ctx.drop(prefix + info.name, EXCLUDED_VR)

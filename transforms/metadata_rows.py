@@ -11,10 +11,11 @@ from apache_beam.metrics import Metrics
 
 from transforms import NAMESPACE
 from transforms.dead_letter import failure
-from transforms.dicom_header import InvalidInstance, read_header
+from transforms.dicom_header import read_header
+from transforms.failures import item_failure
 from transforms.flatten import Flat, flatten
-from transforms.metadata_sink import with_event
-from transforms.objects import IO_ERRORS, MatchedFile, open_ranged
+from transforms.metadata_sink import current_keys, with_event
+from transforms.objects import MatchedFile, open_ranged
 from transforms.progress import Progress
 from transforms.store import InstanceRef, open_store
 
@@ -42,42 +43,69 @@ class StoreRows(beam.DoFn):
 
     def process(self, ref: InstanceRef) -> Iterator[Flat | beam.pvalue.TaggedOutput]:
         try:
-            dataset = self.store.dataset(ref)
-        except FileNotFoundError as error:
-            yield self._fail(ref, "not_found", f"the store holds no such instance: {error}")
-            return
-        except (*IO_ERRORS, InvalidInstance, ValueError) as error:
-            yield self._fail(ref, "read_error", f"{type(error).__name__}: {error}")
+            flat = flatten(self.store.dataset(ref), self.exclude_vrs)
+            blob = self.store.blob_info(ref)
+        except BaseException as error:  # item_failure re-raises interrupts
+            missing = isinstance(error, FileNotFoundError)
+            failed = item_failure(error, "not_found" if missing else "read_error")
+            self.failures.inc()
+            self.progress.add(failed.reason)
+            yield failure(ref.path(), "read", failed.reason, failed.detail)
             return
         self.success.inc()
         self.progress.add("success")
-        yield with_event(flatten(dataset, self.exclude_vrs), "CREATE", now())
-
-    def _fail(self, ref: InstanceRef, reason: str, detail: str) -> beam.pvalue.TaggedOutput:
-        self.failures.inc()
-        self.progress.add(reason)
-        return failure(ref.path(), "read", reason, detail)
+        yield with_event(flat, "CREATE", now(), blob.storage_class, blob.size)
 
     def teardown(self) -> None:
         self.store.close()
 
 
-class StoredRows(beam.DoFn):
-    """A record of a newly stored instance (import) -> its CREATE row, from the imported file's
-    header (the file is the instance, byte for byte), with its size and storage class."""
+class WithoutCurrentRow(beam.DoFn):
+    """Batches of import records of already-present instances -> those whose instance has no
+    current row at `destination`: stored by a run that was stopped before it wrote their rows (or
+    before this destination was added). A re-run writes their rows, so after any interruption the
+    view again shows every stored instance, and a clean re-run adds no row."""
 
-    def __init__(self, exclude_vrs: Collection[str], storage_class: str | None) -> None:
+    def __init__(self, destination: str) -> None:
+        self.destination = destination
+        self.missing = Metrics.counter(NAMESPACE, "metadata_rows_restored")
+
+    def process(self, batch: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        present = current_keys(self.destination, {record["sop_uid"] for record in batch})
+        for record in batch:
+            if (record["study_uid"], record["series_uid"], record["sop_uid"]) not in present:
+                self.missing.inc()
+                yield record
+
+
+class StoredRows(beam.DoFn):
+    """A record of a stored instance (import) -> its CREATE row, from the imported file's header
+    (the file is the instance, byte for byte), with the stored object's size and storage class as
+    the store reports them, else the file's size and the `--storage_class` given. A row that
+    cannot be made is a dead letter and counted: the run then exits 3."""
+
+    def __init__(self, store_location: str, exclude_vrs: Collection[str], storage_class: str | None) -> None:
+        self.store_location = store_location
         self.exclude_vrs = frozenset(exclude_vrs)
         self.storage_class = storage_class
+        self.failures = Metrics.counter(NAMESPACE, "metadata_failures")
+
+    def setup(self) -> None:
+        self.store = open_store(self.store_location)
 
     def process(self, stored: dict[str, Any]) -> Iterator[Flat | beam.pvalue.TaggedOutput]:
-        if stored["outcome"] != "success":  # already there: its row was written when it was stored
-            return
+        ref = InstanceRef(stored["study_uid"], stored["series_uid"], stored["sop_uid"])
         try:
             with open_ranged(MatchedFile(stored["uri"], stored["size"])) as stream:
-                dataset = read_header(stream, stored["size"]).dataset
-        except (*IO_ERRORS, InvalidInstance) as error:  # the file changed since it was stored
-            yield failure(stored["uri"], "metadata", "read_error", f"{type(error).__name__}: {error}")
+                flat = flatten(read_header(stream, stored["size"]).dataset, self.exclude_vrs)
+            blob = self.store.blob_info(ref)
+        except BaseException as error:  # the file changed since it was stored; interrupts re-raised
+            failed = item_failure(error, "read_error")
+            self.failures.inc()
+            yield failure(stored["uri"], "metadata", failed.reason, failed.detail)
             return
-        flat = flatten(dataset, self.exclude_vrs)
-        yield with_event(flat, "CREATE", now(), self.storage_class, stored["size"])
+        size = stored["size"] if blob.size is None else blob.size
+        yield with_event(flat, "CREATE", now(), blob.storage_class or self.storage_class, size)
+
+    def teardown(self) -> None:
+        self.store.close()

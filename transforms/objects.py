@@ -4,28 +4,52 @@ Everything works on URIs: a local path or `gs://bucket/name`. GCS goes through
 google-cloud-storage rather than Beam's gcsio because we need what gcsio does not expose: delimiter
 listings, small ranged reads (gcsio reads 16 MB buffers, more than most DICOM files) and
 create-only uploads (`if_generation_match=0`).
+
+Every GCS call passes GCS_RETRY (429, 5xx and connection errors, with exponential backoff) where
+repeating it is harmless: reads, and writes to a fixed name (an upload or server-side rewrite there
+ends with the same object however often it is repeated; a create-only one fails the repeat with 412,
+which reads as "exists"). google-cloud-storage retries uploads and deletes by default only since 3.0,
+and `Blob.rewrite` only with a generation precondition in any version, hence explicit retries.
+
+Local files are never seen half written: each is written under its root's staging directory
+(`{root}/.dicom-etl-tmp/`, the root being a store, an export output, a table or a dead-letter
+directory) and then linked or renamed into place, with the modes the umask gives. A staging file is
+named after its host and process, so `clean_staging` can remove what a killed run left without
+touching the files of a run still going.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import functools
 import io
 import os
 import shutil
-import tempfile
+import socket
+import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import NamedTuple
+from typing import BinaryIO, NamedTuple
 
 import google_crc32c
 from google.api_core import exceptions as gcs_errors
 from google.cloud import storage
+from google.cloud.storage.retry import DEFAULT_RETRY
 
+GCS_RETRY = DEFAULT_RETRY  # google-cloud-storage's own: 429, 5xx, connection errors; 120 s in all
 IO_ERRORS = (OSError, gcs_errors.GoogleAPIError)  # what reading or writing a file or object may raise
 READ_BUFFER = 64 * 1024  # one ranged request covers the header of most instances
 READ_WHOLE_BELOW = 256 * 1024  # smaller files are read in one request: round trips cost more than bytes
+STAGING = ".dicom-etl-tmp"
+STALE_AFTER = 24 * 3600  # seconds: a staging file this old is left over, even from another host
+HOST = socket.gethostname().replace(".", "_")
+
+
+class SourceReadError(OSError):
+    """Reading a source file or object failed (not its content): the item's read_error, never a
+    verdict on the file, even when the failure surfaces inside a parser."""
 
 
 class MatchedFile(NamedTuple):
@@ -173,21 +197,27 @@ class RangedFile(io.RawIOBase):
         count = min(len(buffer), self.size - self.position)
         if count <= 0:
             return 0
-        data = self._fetch(self.position, self.position + count)
+        try:
+            data = self._fetch(self.position, self.position + count)
+        except Exception as error:
+            raise SourceReadError(f"cannot read {self.name} at byte {self.position}: {error}") from error
         buffer[: len(data)] = data
         self.position += len(data)
         self.bytes_fetched += len(data)
         return len(data)
 
 
-def open_ranged(file: MatchedFile) -> io.BufferedReader:
-    """Open for reading only the bytes asked for; `.raw.bytes_fetched` tells how many were read."""
-    buffer_size = max(file.size, 1) if file.size <= READ_WHOLE_BELOW else READ_BUFFER
+def open_ranged(file: MatchedFile, buffer_size: int = READ_BUFFER) -> io.BufferedReader:
+    """Open for reading only the bytes asked for, `buffer_size` at a time (a small file at once);
+    `.raw.bytes_fetched` tells how many were read."""
+    buffer_size = max(file.size, 1) if file.size <= READ_WHOLE_BELOW else buffer_size
     if is_gcs(file.uri):
         blob = _blob(file.uri)
 
         def fetch(start: int, end: int) -> bytes:
-            return blob.download_as_bytes(start=start, end=end - 1, raw_download=True, checksum=None)
+            return blob.download_as_bytes(
+                start=start, end=end - 1, raw_download=True, checksum=None, retry=GCS_RETRY
+            )
 
         return io.BufferedReader(RangedFile(file.uri, fetch, file.size), buffer_size)
     descriptor = os.open(file.uri, os.O_RDONLY)
@@ -218,35 +248,122 @@ def fingerprint(uri: str) -> tuple[int, str] | None:
     return os.path.getsize(uri), base64.b64encode(checksum.digest()).decode()
 
 
-def copy(source: str, destination: str, create_only: bool = False) -> bool:
+def copy(source: str, destination: str, *, root: str, create_only: bool = False) -> bool:
     """Copy bytes unchanged; with `create_only`, False (and nothing changed) if `destination` exists.
 
-    No partial file is ever visible at `destination`: locally the copy is written to a temporary
-    file and then renamed into place, or hard-linked when `create_only` (a link, unlike a rename,
-    fails when the name exists); on GCS an upload, or a server-side rewrite when the source is in
-    GCS too (no bytes through this process), appears only once complete, and `if_generation_match=0`
-    makes it create-only.
+    No partial file is ever visible at `destination`: locally the copy is written to a staging file
+    under `root` and then renamed into place, or hard-linked when `create_only` (a link, unlike a
+    rename, fails when the name exists); on GCS an upload, or a server-side rewrite when the source
+    is in GCS too (no bytes through this process), appears only once complete, and
+    `if_generation_match=0` makes it create-only.
     """
     if is_gcs(destination):
         return _copy_to_gcs(source, destination, create_only)
-    directory = os.path.dirname(destination)
-    os.makedirs(directory, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=directory, prefix=f".{uuid.uuid4().hex}.", delete=False) as tmp:
+    if create_only and os.path.lexists(destination):  # the usual answer on a re-run: copy nothing
+        return False
+
+    def fill(handle: BinaryIO) -> None:
+        if is_gcs(source):
+            _blob(source).download_to_file(handle, raw_download=True, retry=GCS_RETRY)
+        else:
+            with open(source, "rb") as original:
+                shutil.copyfileobj(original, handle, 1 << 20)
+
+    return _place(fill, destination, root, create_only)
+
+
+def write_bytes(uri: str, data: bytes, *, root: str, create_only: bool = False) -> bool:
+    """Create or replace a file or object (a reader never sees it half written); with
+    `create_only`, False (and nothing changed) if it exists."""
+    if is_gcs(uri):
+        condition = {"if_generation_match": 0} if create_only else {}
         try:
-            if is_gcs(source):
-                _blob(source).download_to_file(tmp, raw_download=True)
-            else:
-                with open(source, "rb") as handle:
-                    shutil.copyfileobj(handle, tmp, 1 << 20)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-            (os.link if create_only else os.replace)(tmp.name, destination)
-            return True
-        except FileExistsError:
+            _blob(uri).upload_from_string(
+                data, content_type="application/octet-stream", retry=GCS_RETRY, **condition
+            )
+        except gcs_errors.PreconditionFailed:
             return False
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp.name)
+        return True
+    return _place(lambda handle: handle.write(data), uri, root, create_only)
+
+
+def _place(
+    fill: Callable[[io.BufferedWriter], object], destination: str, root: str, create_only: bool
+) -> bool:
+    """Write a staging file under `root` with `fill`, then move it to `destination`."""
+    os.makedirs(os.path.dirname(destination), exist_ok=True)
+    staged = _staging_file(root)
+    try:
+        with open(staged, "wb") as handle:
+            fill(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        (os.link if create_only else os.replace)(staged, destination)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(staged)
+
+
+def _staging_file(root: str) -> str:
+    """A new, empty staging file under `root`, created with the modes the umask gives (0644 under
+    umask 022); its name says which host and process own it."""
+    directory = os.path.join(root, STAGING)
+    path = os.path.join(directory, f"{HOST}.{os.getpid()}.{uuid.uuid4().hex}")
+    for attempt in range(3):  # a concurrent clean_staging may remove the empty directory between
+        os.makedirs(directory, exist_ok=True)
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return path
+        except FileNotFoundError:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def clean_staging(root: str) -> int:
+    """Remove the staging files under a local `root` that no live writer owns; how many.
+
+    A file is left over when its process (on this host) is gone, or when it is older than
+    STALE_AFTER whatever its host. The staging directory goes too once empty.
+    """
+    if is_gcs(root):
+        return 0
+    directory = os.path.join(root, STAGING)
+    removed = 0
+    try:
+        entries = list(os.scandir(directory))
+    except (FileNotFoundError, NotADirectoryError):
+        return 0
+    for entry in entries:
+        host, _, rest = entry.name.partition(".")
+        pid = rest.partition(".")[0]
+        with contextlib.suppress(FileNotFoundError):
+            modified = entry.stat().st_mtime
+            mine = host == HOST and pid.isdigit()
+            if time.time() - modified > STALE_AFTER or (mine and not _writing(int(pid), modified)):
+                os.unlink(entry.path)
+                removed += 1
+    with contextlib.suppress(OSError):
+        os.rmdir(directory)  # only when empty; a writer recreates it
+    return removed
+
+
+def _writing(pid: int, since: float) -> bool:
+    """Whether process `pid` may still be writing a file last modified at `since`: it is alive and
+    started before then (a pid reused by a newer process is not the writer)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return os.stat(f"/proc/{pid}").st_ctime <= since + 1
+    except OSError as error:
+        return error.errno != errno.ENOENT
 
 
 def _copy_to_gcs(source: str, destination: str, create_only: bool) -> bool:
@@ -254,14 +371,22 @@ def _copy_to_gcs(source: str, destination: str, create_only: bool) -> bool:
     condition = {"if_generation_match": 0} if create_only else {}
     try:
         if is_gcs(source):
-            token, _, _ = target.rewrite(_blob(source), **condition)
+            token, _, _ = target.rewrite(_blob(source), retry=GCS_RETRY, **condition)
             while token is not None:
-                token, _, _ = target.rewrite(_blob(source), token=token, **condition)
+                token, _, _ = target.rewrite(_blob(source), token=token, retry=GCS_RETRY, **condition)
         else:
-            target.upload_from_filename(source, **condition)
+            target.upload_from_filename(source, retry=GCS_RETRY, **condition)
     except gcs_errors.PreconditionFailed:
         return False
     return True
+
+
+def download(uri: str, path: str) -> None:
+    """An object, unchanged, into a local file; FileNotFoundError if there is none."""
+    try:
+        _blob(uri).download_to_filename(path, raw_download=True, retry=GCS_RETRY)
+    except gcs_errors.NotFound:
+        raise FileNotFoundError(uri) from None
 
 
 def size_of(uri: str) -> int | None:
@@ -277,7 +402,7 @@ def read_bytes(uri: str) -> bytes:
     """The whole file or object; FileNotFoundError if there is none."""
     if is_gcs(uri):
         try:
-            return _blob(uri).download_as_bytes(raw_download=True)
+            return _blob(uri).download_as_bytes(raw_download=True, retry=GCS_RETRY)
         except gcs_errors.NotFound:
             raise FileNotFoundError(uri) from None
     with open(uri, "rb") as handle:
@@ -291,23 +416,11 @@ def delete_tree(uri: str) -> None:
         client = gcs_client()
         for blob in client.list_blobs(bucket, prefix=name):
             if blob.name == name or blob.name.startswith(name.rstrip("/") + "/"):
-                with contextlib.suppress(gcs_errors.NotFound):
-                    blob.delete()
+                with contextlib.suppress(gcs_errors.NotFound):  # gone already, or by a repeat
+                    blob.delete(retry=GCS_RETRY)
         return
     if os.path.isdir(uri):
         shutil.rmtree(uri)
     else:
         with contextlib.suppress(FileNotFoundError):
             os.remove(uri)
-
-
-def write_bytes(uri: str, data: bytes) -> None:
-    """Create or replace a file or object; a reader never sees it half written."""
-    if is_gcs(uri):
-        _blob(uri).upload_from_string(data, content_type="application/octet-stream")
-        return
-    directory = os.path.dirname(uri)
-    os.makedirs(directory, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=directory, prefix=f".{uuid.uuid4().hex}.", delete=False) as tmp:
-        tmp.write(data)
-    os.replace(tmp.name, uri)

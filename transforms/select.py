@@ -16,6 +16,7 @@ from apache_beam.metrics import Metrics
 
 from transforms import NAMESPACE, progress
 from transforms.dead_letter import failure
+from transforms.failures import item_failure
 from transforms.filters import Target, merge, parse_line, read_filter
 from transforms.store import InstanceRef, open_store
 
@@ -64,12 +65,20 @@ class ListInstances(beam.DoFn):
             yield InstanceRef(target.study, target.series, target.sop)
             return
         found, before = 0, self.store.listed
-        for ref in self.store.instances(target.study, target.series):
-            found += 1
-            progress.count("selected")
-            yield ref
-        self.selected.inc(found)
-        self.listed.inc(self.store.listed - before)
+        try:
+            for ref in self.store.instances(target.study, target.series):
+                found += 1
+                progress.count("selected")
+                yield ref
+        except BaseException as error:  # item_failure re-raises interrupts and RunFailed
+            failed = item_failure(error, "read_error")
+            self.unmatched.inc()
+            detail = f"the listing stopped after {found} instances: {failed.detail}"
+            yield failure(_path(target), "select", failed.reason, detail)
+            return
+        finally:
+            self.selected.inc(found)
+            self.listed.inc(self.store.listed - before)
         if not found:
             self.unmatched.inc()
             yield failure(_path(target), "select", "no_match", f"no instance in {self.store_location}")
@@ -133,7 +142,13 @@ class DeleteTargets(beam.DoFn):
         self.store = open_store(self.store_location)
 
     def process(self, target: Target) -> Iterator[InstanceRef | beam.pvalue.TaggedOutput]:
-        refs = [ref for ref in self.store.instances(target.study, target.series) if target.covers(ref)]
+        try:
+            refs = [ref for ref in self.store.instances(target.study, target.series) if target.covers(ref)]
+        except BaseException as error:  # item_failure re-raises interrupts and RunFailed
+            failed = item_failure(error, "read_error")
+            self.unmatched.inc()
+            yield failure(_path(target), "select", failed.reason, failed.detail)
+            return
         if not refs:
             self.unmatched.inc()
             yield failure(_path(target), "select", "no_match", f"no instance in {self.store_location}")
@@ -141,12 +156,12 @@ class DeleteTargets(beam.DoFn):
         self.selected.inc(len(refs))
         progress.count("selected", len(refs))
         try:
-            self.store.delete(target.study, target.series, target.sop)
-        except OSError as error:
+            self.store.delete(target.study, target.series, target.sop, listed=refs)
+        except BaseException as error:  # item_failure re-raises interrupts and RunFailed
+            failed = item_failure(error, "delete_error")
             self.failures.inc(len(refs))
-            progress.finished("delete_error", len(refs))
             for ref in refs:
-                yield failure(ref.path(), "delete", "delete_error", f"{type(error).__name__}: {error}")
+                yield failure(ref.path(), "delete", failed.reason, failed.detail)
             return
         self.success.inc(len(refs))
         progress.finished("success", len(refs))

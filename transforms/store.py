@@ -11,6 +11,8 @@ Every pipeline reaches a store only through this interface, so each works on all
 from __future__ import annotations
 
 import abc
+import contextlib
+import os
 import re
 import warnings
 from collections.abc import Iterator, Sequence
@@ -18,19 +20,16 @@ from typing import Any, NamedTuple
 
 from pydicom.dataset import Dataset
 
-from transforms.objects import MatchedFile, write_bytes
+from transforms.failures import RunFailed
+from transforms.objects import MatchedFile, copy
 
 HEALTHCARE_STORE = re.compile(r"projects/[^/]+/locations/[^/]+/datasets/[^/]+/dicomStores/[^/]+")
 STORAGE_CLASSES = ("STANDARD", "NEARLINE", "COLDLINE", "ARCHIVE")
 SUCCESS, ALREADY_PRESENT, FAILURE = "success", "already_present", "failure"
 
 
-class StoreUnavailable(RuntimeError):
-    """The store as a whole cannot be used (unreachable, credentials refused, no such store).
-
-    Raised rather than dead-lettered: every other instance would fail the same way, so the
-    pipeline stops (exit 1) with this message, which names the store and never a secret.
-    """
+class StoreUnavailable(RunFailed):
+    """The store as a whole cannot be used (unreachable, credentials refused, no such store)."""
 
 
 class InstanceRef(NamedTuple):
@@ -88,10 +87,11 @@ class Store(abc.ABC):
     def instances(self, study: str, series: str | None = None) -> Iterator[InstanceRef]:
         """The instances of one study, or of one series of it, page by page."""
 
-    @abc.abstractmethod
     def read(self, ref: InstanceRef) -> bytes:
-        """The instance as a DICOM Part 10 file, in its stored transfer syntax; FileNotFoundError
-        if the store does not hold it."""
+        """The instance as a DICOM Part 10 file, in its stored transfer syntax, in memory (for
+        small instances: the pipelines use `spool`); FileNotFoundError if the store lacks it."""
+        with self.spool(ref) as path, open(path, "rb") as handle:
+            return handle.read()
 
     def dataset(self, ref: InstanceRef) -> Dataset:
         """The instance's attributes as a pydicom Dataset without Pixel Data, for flattening; odd
@@ -101,12 +101,22 @@ class Store(abc.ABC):
             warnings.simplefilter("ignore")
             return Dataset.from_json(metadata, bulk_data_uri_handler=lambda *_: b"")
 
-    def copy_instance(self, ref: InstanceRef, destination: str) -> int:
-        """Write the instance, unchanged, to a local or gs:// file; the bytes that passed through
-        this worker (stores that can copy without them override this)."""
-        data = self.read(ref)
-        write_bytes(destination, data)
-        return len(data)
+    def copy_instance(self, ref: InstanceRef, destination: str, root: str) -> int:
+        """Write the instance, unchanged, to a local or gs:// file under `root` (an export's
+        output); the bytes that passed through this worker (stores that can copy without them
+        override this)."""
+        with self.spool(ref) as path:
+            copy(path, destination, root=root)
+            return os.path.getsize(path)
+
+    @abc.abstractmethod
+    def spool(self, ref: InstanceRef) -> contextlib.AbstractContextManager[str]:
+        """The instance as a local file, in its stored transfer syntax, to read it without holding
+        it in memory; removed after use unless it is the stored file itself. FileNotFoundError if
+        the store does not hold it."""
+
+    def remove_leftovers(self) -> None:  # noqa: B027 - only stores that stage files need it
+        """Remove what a killed run of ours left in the store (staging files), not a live run's."""
 
     def blob_info(self, ref: InstanceRef) -> BlobInfo:
         """The stored object's size and storage class, as far as this kind of store can tell."""
@@ -118,8 +128,18 @@ class Store(abc.ABC):
         BulkDataURI (as WADO-RS metadata does), never inline."""
 
     @abc.abstractmethod
-    def delete(self, study: str, series: str | None = None, sop: str | None = None) -> None:
-        """Delete a study, a series or an instance; deleting what is not there is not an error."""
+    def delete(
+        self,
+        study: str,
+        series: str | None = None,
+        sop: str | None = None,
+        listed: Sequence[InstanceRef] | None = None,
+    ) -> None:
+        """Delete a study, a series or an instance; deleting what is not there is not an error.
+
+        `listed`: the instances the caller found under the study or series, if it listed them, so
+        that a store which deletes instance by instance need not list again.
+        """
 
     def close(self) -> None:  # noqa: B027 - only stores holding connections need it
         """Release connections."""
@@ -134,19 +154,27 @@ def store_kind(location: str) -> str:
     return "files"
 
 
-def open_store(location: str, storage_class: str | None = None, verify_stored: bool = False) -> Store:
+def open_store(
+    location: str,
+    storage_class: str | None = None,
+    verify_stored: bool = False,
+    max_requests_in_flight: int | None = None,
+) -> Store:
     """The store at `location`; network stores read their credentials here, on the worker.
 
-    `storage_class` and `verify_stored` concern DICOMweb stores (see transforms/dicomweb.py).
+    `storage_class`, `verify_stored` and `max_requests_in_flight` concern DICOMweb stores (see
+    transforms/dicomweb.py and transforms/healthcare_api.py).
     """
     kind = store_kind(location)
     if kind == "files":
         from transforms.file_store import FileLayoutStore
 
         return FileLayoutStore(location)
+    if kind == "healthcare":
+        from transforms.healthcare_api import healthcare_store
+
+        return healthcare_store(location, storage_class, verify_stored, max_requests_in_flight)
     from transforms import dicomweb
 
-    if kind == "healthcare":
-        return dicomweb.healthcare_store(location, storage_class, verify_stored)
     session = dicomweb.session_from_environment()
-    return dicomweb.DicomWebStore(location, session, storage_class, verify_stored)
+    return dicomweb.DicomWebStore(location, session, storage_class, verify_stored, max_requests_in_flight)

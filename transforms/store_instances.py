@@ -10,7 +10,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import apache_beam as beam
@@ -19,8 +19,9 @@ from apache_beam.transforms.window import GlobalWindows
 
 from transforms import NAMESPACE
 from transforms.dead_letter import failure
-from transforms.dicom_header import InvalidInstance, read_header
-from transforms.objects import IO_ERRORS, MatchedFile, open_ranged
+from transforms.dicom_header import read_header
+from transforms.failures import item_failure
+from transforms.objects import MatchedFile, open_ranged
 from transforms.progress import Progress
 from transforms.store import FAILURE, SUCCESS, InstanceRef, Parsed, Written, open_store
 
@@ -41,13 +42,10 @@ class ParseInstances(beam.DoFn):
             with open_ranged(file) as stream:
                 header = read_header(stream, file.size)
                 self.bytes_read.inc(stream.raw.bytes_fetched)
-        except InvalidInstance as error:
+        except BaseException as error:  # item_failure re-raises interrupts
+            failed = item_failure(error, "read_error")
             self.failures.inc()
-            yield failure(file.uri, "parse", error.reason, error.detail)
-            return
-        except IO_ERRORS as error:
-            self.failures.inc()
-            yield failure(file.uri, "parse", "read_error", f"{type(error).__name__}: {error}")
+            yield failure(file.uri, "parse", failed.reason, failed.detail)
             return
         ref = InstanceRef(header.study_uid, header.series_uid, header.sop_uid)
         yield ref.sop, Parsed(file, ref)
@@ -61,17 +59,27 @@ class WriteInstances(beam.DoFn):
     the DoFn's own thread, where Beam's metrics are recorded.
     """
 
-    def __init__(self, location: str, storage_class: str | None = None, verify_stored: bool = False) -> None:
+    def __init__(
+        self,
+        location: str,
+        storage_class: str | None = None,
+        verify_stored: bool = False,
+        max_requests_in_flight: int | None = None,
+    ) -> None:
         self.location = location
         self.storage_class = storage_class
         self.verify_stored = verify_stored
+        self.max_requests_in_flight = max_requests_in_flight
         self.counters = {
             name: Metrics.counter(NAMESPACE, name)
             for name in ("success", "already_present", "failure", "bytes_stored")
         }
 
     def setup(self) -> None:
-        self.store = open_store(self.location, self.storage_class, self.verify_stored)
+        self.store = open_store(
+            self.location, self.storage_class, self.verify_stored, self.max_requests_in_flight
+        )
+        self.store.remove_leftovers()
         self.pool = concurrent.futures.ThreadPoolExecutor(IN_FLIGHT)
         self.progress = Progress("import_dicom")
 
@@ -84,7 +92,9 @@ class WriteInstances(beam.DoFn):
         first, *others = sorted(element[1], key=lambda item: item.file.uri)
         if others:  # the same SOP Instance UID in several files: one after the other
             for item in [first, *others]:
-                yield from self._outputs([item], self.store.write([item]))
+                yield from self._outputs(
+                    [item], _results([item], self.store.write, [item]), item is not first
+                )
             return
         if self.batch and (
             len(self.batch) >= MAX_BATCH_INSTANCES or self.batch_bytes + first.file.size > MAX_BATCH_BYTES
@@ -103,6 +113,7 @@ class WriteInstances(beam.DoFn):
 
     def teardown(self) -> None:
         self.pool.shutdown()
+        self.store.remove_leftovers()  # the staging directory, once empty
         self.store.close()
 
     def _submit(self) -> Iterator[Any]:
@@ -118,9 +129,11 @@ class WriteInstances(beam.DoFn):
 
     def _collect(self) -> Iterator[Any]:
         batch, future = self.writing.popleft()
-        yield from self._outputs(batch, future.result())
+        yield from self._outputs(batch, _results(batch, future.result))
 
-    def _outputs(self, batch: list[Parsed], results: list[Written]) -> Iterator[Any]:
+    def _outputs(self, batch: list[Parsed], results: list[Written], repeated: bool = False) -> Iterator[Any]:
+        """Counters, dead letters and a record per stored file; `repeated`: a file with the SOP
+        Instance UID of one written just before in this run."""
         for item, written in zip(batch, results, strict=True):
             self.counters[written.outcome].inc()
             self.progress.add(written.outcome if written.outcome != FAILURE else written.reason)
@@ -137,4 +150,15 @@ class WriteInstances(beam.DoFn):
                 "study_uid": item.ref.study,
                 "series_uid": item.ref.series,
                 "sop_uid": item.ref.sop,
+                "repeated": repeated,
             }
+
+
+def _results(batch: list[Parsed], write: Callable[..., list[Written]], *args: Any) -> list[Written]:
+    """What `write(*args)` made of the batch; if it raised, each instance's write_error (a store
+    that is unusable as a whole raises RunFailed, which stops the run instead)."""
+    try:
+        return write(*args)
+    except BaseException as error:  # item_failure re-raises interrupts and RunFailed
+        failed = item_failure(error, "write_error")
+        return [Written(FAILURE, item.file.uri, failed.reason, failed.detail) for item in batch]

@@ -1,0 +1,114 @@
+"""An import stopped by SIGKILL midway, then run again: the store holds every input once, the
+metadata view shows every stored instance once, and nothing temporary is left anywhere."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import pytest
+from pydicom.data import get_testdata_file
+
+from tests.conftest import stored_instances
+from tests.synthetic import fresh_copies
+
+ROOT = Path(__file__).resolve().parents[1]
+INSTANCES = 1500
+IMPORT = ["--input=in/*.dcm", "--store=store", "--metadata_destination=meta"]
+
+
+def start(cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipelines.import_dicom", *IMPORT],
+        cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": os.environ["PATH"]},
+    )  # fmt: skip
+
+
+def kill_when_stored(run: subprocess.Popen, store: Path, count: int) -> None:
+    """SIGKILL the run once the store holds at least `count` instances."""
+    deadline = time.monotonic() + 300
+    while sum(1 for _ in store.glob("studies/*/series/*/instances/*.dcm")) < count:
+        assert run.poll() is None, "the run ended before it could be stopped"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    run.send_signal(signal.SIGKILL)
+    run.communicate()
+
+
+def finish(cwd: Path) -> dict:
+    run = start(cwd)
+    stdout, stderr = run.communicate(timeout=600)
+    assert run.returncode == 0, stderr[-2000:]
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def view_keys(table: Path) -> list[tuple[str, str, str]]:
+    query = (table / "view.sql").read_text()
+    keys = "StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID"
+    return _at(table).sql(f"SELECT {keys} FROM ({query})").fetchall()
+
+
+def table_rows(table: Path) -> int:
+    return _at(table).sql("SELECT count(*) FROM read_parquet('*.parquet')").fetchall()[0][0]
+
+
+def _at(directory: Path) -> duckdb.DuckDBPyConnection:
+    connection = duckdb.connect()
+    connection.execute(f"SET file_search_path = '{directory}'")
+    return connection
+
+
+def leftovers(work: Path) -> list[Path]:
+    return [p for p in work.rglob("*") if ".dicom-etl-tmp" in p.parts or p.name.startswith("beam-temp")]
+
+
+@pytest.mark.parametrize("kills", [1, 2])
+def test_a_killed_import_run_again_stores_everything_once_with_one_current_row_each(
+    kills: int, tmp_path: Path
+) -> None:
+    fresh_copies(Path(get_testdata_file("CT_small.dcm")), INSTANCES, tmp_path / "in")
+    for number in range(kills):
+        kill_when_stored(start(tmp_path), tmp_path / "store", (number + 1) * INSTANCES // 3)
+
+    summary = finish(tmp_path)
+
+    stored = stored_instances(tmp_path / "store")  # whole: one file and one index entry each
+    assert len(stored) == INSTANCES
+    assert summary["already_present"] + summary["success"] == INSTANCES
+    keys = view_keys(tmp_path / "meta")
+    assert len(keys) == len(set(keys)) == INSTANCES
+    assert {sop for _, _, sop in keys} == set(stored)
+    assert not leftovers(tmp_path)
+
+    rows = table_rows(tmp_path / "meta")
+    again = finish(tmp_path)  # a clean re-run adds no row
+    assert (again["already_present"], again["metadata_rows"]) == (INSTANCES, 0)
+    assert table_rows(tmp_path / "meta") == rows
+
+
+def test_leftover_staging_files_of_dead_runs_go_and_a_live_run_keeps_its_own(tmp_path: Path) -> None:
+    """What a killed run left is removed by the next run; a concurrent run's files are not."""
+    from transforms.objects import HOST, STAGING, STALE_AFTER, clean_staging
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
+    dead_pid = int(finished.stdout)
+    staging = tmp_path / STAGING
+    staging.mkdir()
+    dead = staging / f"{HOST}.{dead_pid}.0a"
+    live = staging / f"{HOST}.{os.getpid()}.0b"
+    other_host_recent = staging / f"elsewhere.{dead_pid}.0c"
+    other_host_old = staging / f"elsewhere.{dead_pid}.0d"
+    for path in (dead, live, other_host_recent, other_host_old):
+        path.write_bytes(b"half a file")
+    os.utime(other_host_old, (time.time() - STALE_AFTER - 60,) * 2)
+
+    assert clean_staging(str(tmp_path)) == 2
+
+    assert sorted(staging.iterdir()) == sorted([live, other_host_recent])
