@@ -9,7 +9,7 @@ for the job.
 
 Stderr holds only these lines and progress lines. What libraries log (warnings, codec tracebacks of
 instances counted as failed, Beam's errors) and whatever else reaches the process's stderr during a
-run goes to a log file in the temporary directory, named in the exit-1 line and kept only then;
+run goes to a log file in the temporary directory, kept only after exit 1 and named in its JSON line;
 `--verbose` shows it all on stderr instead.
 """
 
@@ -184,9 +184,9 @@ def _failed(
     if error is not None:
         LOGGER.error("the run failed", exc_info=error)
     log.keep = True
-    details = f" (log: {log.path})" if os.path.exists(log.path) and os.path.getsize(log.path) else ""
-    print(f"error: {reason}{details}", file=sys.stderr)
-    print(json.dumps(so_far(counts, summarize) | {"error": reason}))
+    kept = {"log": log.path} if os.path.exists(log.path) and os.path.getsize(log.path) else {}
+    print(f"error: {reason}", file=sys.stderr)
+    print(json.dumps(so_far(counts, summarize) | {"error": reason} | kept))
     return 1
 
 

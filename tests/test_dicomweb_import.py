@@ -150,5 +150,5 @@ def test_a_wrong_password_stops_the_run_with_one_line_naming_the_store_not_the_s
     assert run.status == 1
     assert run.summary["success"] == 0  # nothing is claimed stored
     refused = f"the DICOMweb store {orthanc.dicomweb} refused our credentials (HTTP 401)"
-    assert error.startswith(f"error: the pipeline failed: {refused}")
+    assert error == f"error: the pipeline failed: {refused}"
     assert orthanc.instance_count() == 0
