@@ -7,15 +7,15 @@ DEBIAN_PACKAGES := dcmtk orthanc orthanc-dicomweb
 
 .PHONY: quickstart test lint system-packages
 
-# Runtime install: the project and its dependencies in ./.venv.
+# Runtime install: the project, its dependencies and the duckdb command in ./.venv.
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet --editable .
+	$(BIN)/pip install --quiet --editable '.[cli]'
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/pip install --quiet --editable '.[test]'
+	$(BIN)/pip install --quiet --editable '.[cli,test]'
 	touch $@
 
 # Import the bundled sample into ./store on the DirectRunner, one metadata row per stored instance

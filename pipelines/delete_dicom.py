@@ -16,7 +16,8 @@ from collections.abc import Sequence
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines.common import (
+from pipelines.common import execute, failure_reasons, run_name
+from pipelines.options import (
     OptionError,
     SharedOptions,
     check_destinations,
@@ -24,15 +25,14 @@ from pipelines.common import (
     check_metadata_options,
     check_store,
     dead_letter_location,
-    execute,
-    failure_reasons,
+    parse_options,
     repeated,
-    run_name,
 )
 from transforms.dead_letter import DEAD_LETTER, WriteDeadLetters
 from transforms.filters import FilterError, parse_line
 from transforms.metadata_rows import now
 from transforms.metadata_sink import WriteMetadata, delete_row
+from transforms.progress import CountFailures
 from transforms.select import DeleteTargets, SelectTargets
 
 
@@ -62,9 +62,9 @@ OPTIONS: dict[str, bool] = {
 
 def parse(argv: Sequence[str]) -> PipelineOptions:
     """Check every option, and every target or filter line, before anything is deleted."""
-    options = PipelineOptions(argv)
+    options = parse_options(argv, DeleteDicomOptions, OPTIONS)
     mine, shared = options.view_as(DeleteDicomOptions), options.view_as(SharedOptions)
-    shared.store = check_store("store", shared.store)
+    shared.store = check_store("store", shared.store, options, must_exist=True)
     mine.target = repeated(mine.target)
     if bool(mine.target) == bool(shared.filter_file):
         raise OptionError("target", "give either --target lines or --filter_file (one of them)")
@@ -99,7 +99,11 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions) -> None:
             | "WriteRows"
             >> WriteMetadata(shared.metadata_destination, "WRITE_APPEND", shared.max_columns, name)
         )
-    _ = deleted[DEAD_LETTER] | "DeadLetter" >> WriteDeadLetters(shared.dead_letter, name)
+    _ = (
+        deleted[DEAD_LETTER]
+        | "CountFailures" >> CountFailures()
+        | "DeadLetter" >> WriteDeadLetters(shared.dead_letter, name)
+    )
 
 
 def summarize(counts: dict[str, int]) -> tuple[dict[str, object], bool]:
@@ -111,7 +115,7 @@ def summarize(counts: dict[str, int]) -> tuple[dict[str, object], bool]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return execute(sys.argv[1:] if argv is None else argv, parse, build, summarize)
+    return execute("delete_dicom", sys.argv[1:] if argv is None else argv, parse, build, summarize)
 
 
 if __name__ == "__main__":

@@ -9,27 +9,27 @@ only what its lines name), reshuffled, and written under `{output}/{study}/{seri
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Sequence
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines.common import (
+from pipelines.common import execute, failure_reasons, run_name
+from pipelines.options import (
     OptionError,
     SharedOptions,
+    check_directory,
     check_filter_file,
     check_local_or_gcs,
     check_store,
     dead_letter_location,
-    execute,
-    failure_reasons,
-    run_name,
+    parse_options,
 )
 from transforms.convert import FILE_TYPES, TRANSFER_SYNTAXES
 from transforms.dead_letter import DEAD_LETTER, WriteDeadLetters
 from transforms.export import ExportInstances
+from transforms.progress import count_failures
 from transforms.select import ListInstances, SelectTargets
 
 
@@ -60,14 +60,13 @@ OPTIONS: dict[str, bool] = {
 
 def parse(argv: Sequence[str]) -> PipelineOptions:
     """Check every option, and every line of the filter file, before any work."""
-    options = PipelineOptions(argv)
+    options = parse_options(argv, ExportDicomOptions, OPTIONS)
     mine, shared = options.view_as(ExportDicomOptions), options.view_as(SharedOptions)
-    shared.store = check_store("store", shared.store)
+    shared.store = check_store("store", shared.store, options, must_exist=True)
     if not mine.output:
         raise OptionError("output", "required: a local directory or gs:// prefix")
     mine.output = check_local_or_gcs("output", mine.output)
-    if os.path.exists(mine.output) and not os.path.isdir(mine.output):
-        raise OptionError("output", f"{mine.output} exists and is not a directory")
+    check_directory("output", mine.output, options)
     if mine.file_type not in FILE_TYPES:
         raise OptionError("file_type", f"{mine.file_type!r} is not one of {', '.join(FILE_TYPES)}")
     if mine.transfer_syntax is not None:
@@ -98,7 +97,7 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions) -> None:
         ).with_outputs(DEAD_LETTER, main="files")
     )
     (
-        (selected[DEAD_LETTER], exported[DEAD_LETTER])
+        count_failures([selected[DEAD_LETTER], exported[DEAD_LETTER]])
         | "AllFailures" >> beam.Flatten()
         | "DeadLetter" >> WriteDeadLetters(shared.dead_letter, run_name("export_dicom"))
     )
@@ -114,7 +113,7 @@ def summarize(counts: dict[str, int]) -> tuple[dict[str, object], bool]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return execute(sys.argv[1:] if argv is None else argv, parse, build, summarize)
+    return execute("export_dicom", sys.argv[1:] if argv is None else argv, parse, build, summarize)
 
 
 if __name__ == "__main__":

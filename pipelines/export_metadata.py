@@ -16,7 +16,8 @@ from collections.abc import Sequence
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines.common import (
+from pipelines.common import execute, failure_reasons, run_name
+from pipelines.options import (
     OptionError,
     SharedOptions,
     check_destinations,
@@ -24,13 +25,12 @@ from pipelines.common import (
     check_metadata_options,
     check_store,
     dead_letter_location,
-    execute,
-    failure_reasons,
-    run_name,
+    parse_options,
 )
 from transforms.dead_letter import DEAD_LETTER, WriteDeadLetters
 from transforms.metadata_rows import StoreRows
 from transforms.metadata_sink import WRITE_DISPOSITIONS, WriteMetadata
+from transforms.progress import count_failures
 from transforms.select import ListInstances, SelectTargets
 
 
@@ -64,9 +64,9 @@ OPTIONS: dict[str, bool] = {
 
 def parse(argv: Sequence[str]) -> PipelineOptions:
     """Check every option, and every line of the filter file, before any work."""
-    options = PipelineOptions(argv)
+    options = parse_options(argv, ExportMetadataOptions, OPTIONS)
     mine, shared = options.view_as(ExportMetadataOptions), options.view_as(SharedOptions)
-    shared.store = check_store("store", shared.store)
+    shared.store = check_store("store", shared.store, options, must_exist=True)
     mine.destination = check_destinations("destination", mine.destination, options)
     if not mine.destination:
         raise OptionError("destination", "required: bq://project.dataset.table or a directory")
@@ -100,7 +100,7 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions) -> None:
         mine.destination, mine.write_disposition, shared.max_columns, name
     )
     (
-        (selected[DEAD_LETTER], rows[DEAD_LETTER])
+        count_failures([selected[DEAD_LETTER], rows[DEAD_LETTER]])
         | "AllFailures" >> beam.Flatten()
         | "DeadLetter" >> WriteDeadLetters(shared.dead_letter, name)
     )
@@ -116,7 +116,7 @@ def summarize(counts: dict[str, int]) -> tuple[dict[str, object], bool]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return execute(sys.argv[1:] if argv is None else argv, parse, build, summarize)
+    return execute("export_metadata", sys.argv[1:] if argv is None else argv, parse, build, summarize)
 
 
 if __name__ == "__main__":

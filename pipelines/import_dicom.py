@@ -10,6 +10,7 @@ Healthcare API store.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections.abc import Sequence
@@ -17,22 +18,23 @@ from collections.abc import Sequence
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines.common import (
+from pipelines.common import execute, failure_reasons, run_name
+from pipelines.options import (
     OptionError,
     SharedOptions,
     check_destinations,
     check_metadata_options,
+    check_not_url_like,
     check_store,
     dead_letter_location,
-    execute,
-    failure_reasons,
+    parse_options,
     repeated,
-    run_name,
 )
 from transforms.dead_letter import DEAD_LETTER, WriteDeadLetters
 from transforms.expand import ExpandPatterns
 from transforms.metadata_rows import StoredRows, WithoutCurrentRow
 from transforms.metadata_sink import WriteMetadata
+from transforms.progress import Count, count_failures
 from transforms.store import ALREADY_PRESENT, STORAGE_CLASSES, SUCCESS, store_kind
 from transforms.store_instances import ParseInstances, WriteInstances
 from transforms.wildcard import Pattern, PatternError, parse_pattern
@@ -85,19 +87,19 @@ OPTIONS: dict[str, bool] = {
 def _flag(text: str) -> bool:
     """`--verify_stored`, or `--verify_stored=true|false` as a template launch passes it."""
     if text.lower() not in ("true", "false"):
-        raise OptionError("verify_stored", f"{text!r} is not true or false")
+        raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
     return text.lower() == "true"
 
 
 def parse(argv: Sequence[str]) -> PipelineOptions:
     """Parse and check every option before any work; OptionError names the bad one."""
-    options = PipelineOptions(argv)
+    options = parse_options(argv, ImportDicomOptions, OPTIONS)
     mine = options.view_as(ImportDicomOptions)
     shared = options.view_as(SharedOptions)
     if not repeated(mine.input):
         raise OptionError("input", "required: at least one file pattern")
     mine.input = [_pattern(text).text for text in repeated(mine.input)]
-    shared.store = check_store("store", shared.store)
+    shared.store = check_store("store", shared.store, options, must_exist=False)
     if mine.storage_class is not None:
         mine.storage_class = mine.storage_class.upper()
         if mine.storage_class not in STORAGE_CLASSES:
@@ -121,6 +123,7 @@ def parse(argv: Sequence[str]) -> PipelineOptions:
 
 def _pattern(text: str) -> Pattern:
     """Validate a pattern; local ones are made absolute so every worker reads the same files."""
+    check_not_url_like("input", text)
     try:
         pattern = parse_pattern(text)
     except PatternError as error:
@@ -139,11 +142,13 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions) -> None:
     )
     parsed = (
         expanded.files
+        | "CountMatched" >> Count("matched")
         | "SpreadFiles" >> beam.Reshuffle()
         | "Parse" >> beam.ParDo(ParseInstances()).with_outputs(DEAD_LETTER, main="parsed")
     )
     stored = (
         parsed.parsed
+        | "CountParsed" >> Count("parsed")
         | "BySopInstanceUid" >> beam.GroupByKey()
         | "Store"
         >> beam.ParDo(
@@ -155,7 +160,7 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions) -> None:
     if shared.metadata_destination:
         failures += _write_rows(stored.stored, shared, mine.storage_class, name)
     _ = (
-        failures
+        count_failures(failures)
         | "AllFailures" >> beam.Flatten()
         | "DeadLetter" >> WriteDeadLetters(shared.dead_letter, name)
     )
@@ -210,7 +215,7 @@ def summarize(counts: dict[str, int]) -> tuple[dict[str, object], bool]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return execute(sys.argv[1:] if argv is None else argv, parse, build, summarize)
+    return execute("import_dicom", sys.argv[1:] if argv is None else argv, parse, build, summarize)
 
 
 if __name__ == "__main__":

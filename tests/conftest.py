@@ -13,6 +13,7 @@ import pydicom
 import pytest
 from google.cloud import storage
 
+from tests.command_line import SilentServer
 from tests.gcs_emulator import running_emulator
 from tests.healthcare_server import HealthcareApi, running_healthcare_api
 from tests.orthanc_server import Orthanc, running_orthanc
@@ -65,6 +66,14 @@ def orthanc(orthanc_server: Orthanc, monkeypatch: pytest.MonkeyPatch) -> Orthanc
     monkeypatch.setenv("DICOMWEB_USERNAME", orthanc_server.username)
     monkeypatch.setenv("DICOMWEB_PASSWORD", orthanc_server.password)
     return orthanc_server
+
+
+@pytest.fixture
+def silent_store() -> Iterator[SilentServer]:
+    """A DICOMweb store that never answers (tests/command_line.py)."""
+    server = SilentServer()
+    yield server
+    server.close()
 
 
 @pytest.fixture

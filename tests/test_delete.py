@@ -82,9 +82,9 @@ def test_a_server_without_dicomweb_delete_stops_the_run_and_keeps_everything(
     run = run_delete(f"--store={orthanc.dicomweb}", f"--target=/studies/{study}", dead_letter=tmp_path / "dl")
 
     assert run.status == 1
-    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+    assert capsys.readouterr().err.strip().splitlines() == [
         f"error: the pipeline failed: the DICOMweb server at {orthanc.dicomweb} does not support DELETE"
-    )
+    ]
     assert orthanc.instance_count() == held
 
 

@@ -232,7 +232,7 @@ def test_a_bad_filter_file_stops_before_any_work(
 @pytest.mark.parametrize(
     ("args", "option", "words"),
     [
-        (["--output=OUTFILE"], "--output", "exists and is not a directory"),
+        (["--output=OUTFILE"], "--output", "is a file, not a directory"),
         (["--output=out", "--file_type=tiff"], "--file_type", "not one of dicom, octet-stream, jpeg, png"),
         (["--output=out", "--transfer_syntax=1.2.3"], "--transfer_syntax", "is not one of"),
         (
@@ -248,6 +248,7 @@ def test_bad_options_stop_before_any_work(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], option: str, words: str
 ) -> None:
     (tmp_path / "OUTFILE").write_text("a file, not a directory")
+    (tmp_path / "store").mkdir()
     args = [
         arg.replace("OUTFILE", str(tmp_path / "OUTFILE")).replace("=out", f"={tmp_path}/out") for arg in args
     ]
@@ -322,6 +323,7 @@ def test_images_are_one_file_per_frame_and_instances_without_pixels_are_dead_let
 
 
 def test_an_empty_store_exports_nothing_and_still_creates_the_output(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
     run: Run = run_export(
         f"--store={tmp_path / 'empty'}", f"--output={tmp_path / 'out'}", dead_letter=tmp_path / "dl"
     )

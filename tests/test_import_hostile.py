@@ -164,17 +164,17 @@ def test_a_pattern_that_matches_nothing_fails_the_run(tmp_path: Path) -> None:
 
 
 def test_a_store_that_cannot_be_written_fails_the_instances(tmp_path: Path) -> None:
-    blocker = tmp_path / "store"
-    blocker.write_text("a file where the store directory should be")
-    run = run_import(f"--input={CT}", f"--store={blocker}", dead_letter=tmp_path / "dl")
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / "studies").write_text("a file where the store's directory should be")
+    run = run_import(f"--input={CT}", f"--store={tmp_path / 'store'}", dead_letter=tmp_path / "dl")
     assert run.status == 3
     assert [r["reason"] for r in run.dead_letters] == ["write_error"]
 
 
 def test_an_input_bucket_that_does_not_exist_fails_the_pipeline(gcs, tmp_path: Path, capsys) -> None:
     run = run_import("--input=gs://no-such-bucket/**", f"--store={tmp_path}/s", dead_letter=tmp_path / "dl")
-    assert run.status == 1 and run.stdout == ""
-    [line] = capsys.readouterr().err.strip().splitlines()[-1:]
+    assert run.status == 1 and run.summary["success"] == 0 and "cannot list" in run.summary["error"]
+    [line] = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("error: the pipeline failed: cannot list --input gs://no-such-bucket/**")
 
 

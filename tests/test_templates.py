@@ -24,7 +24,7 @@ import pytest
 from google.cloud import storage
 
 from pipelines import delete_dicom, export_dicom, export_metadata, import_dicom
-from pipelines.common import OptionError, SharedOptions
+from pipelines.options import OptionError, SharedOptions
 from transforms.convert import TRANSFER_SYNTAXES
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"

@@ -4,12 +4,19 @@ Each line is `/studies/STUDY[/series/SERIES[/instances/SOP]]`; blank lines and s
 whitespace are ignored; any other line makes the whole file malformed. Lines may overlap (a study
 and one of its series): the selection is merged so that every instance is covered once, and the
 store is only listed under what the lines name.
+
+A file is read one way, by `filter_targets`, both when the launcher checks it and when the pipeline
+selects: lines end in `\\n` or `\\r\\n` (what editors and spreadsheets write), the file is UTF-8 and may
+start with a byte-order mark, and its first line may be a CSV header (a column name, as a BigQuery or
+DuckDB CSV export writes one). A line that holds any other line break (a lone `\\r`, `\\v`, `\\f`, U+0085,
+U+2028, ...) is malformed, so that the file means the same to every reader.
 """
 
 from __future__ import annotations
 
+import io
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from transforms.dicom_header import valid_uid
@@ -17,6 +24,10 @@ from transforms.objects import read_bytes
 from transforms.store import InstanceRef
 
 LINE = re.compile(r"/studies/([^/]*)(?:/series/([^/]*)(?:/instances/([^/]*))?)?")
+# What str.splitlines() breaks lines at, besides "\n" (and the "\r" of "\r\n", removed first).
+OTHER_BREAKS = re.compile("[\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
+# A CSV header of one column: a column name, quoted or not. It cannot name a UID (those are digits).
+HEADER = re.compile(r'"?[A-Za-z_][A-Za-z0-9_]*"?')
 
 
 class FilterError(ValueError):
@@ -51,16 +62,39 @@ def parse_line(text: str, number: int = 1) -> Target:
     return Target(*uids)
 
 
-def parse_filter(text: str) -> list[Target]:
-    """The merged targets of a filter file's text: none inside another, in the file's order."""
-    return merge(
-        parse_line(line, number) for number, line in enumerate(text.splitlines(), start=1) if line.strip()
-    )
+def filter_targets(data: bytes) -> Iterator[Target]:
+    """The Target of each line of a filter file's bytes, in the file's order; FilterError at the
+    first malformed line. Lazy, so that a file of millions of lines is never held as lines."""
+    first = True
+    for number, raw in enumerate(io.BytesIO(data), start=1):
+        try:
+            text = raw.removesuffix(b"\n").removesuffix(b"\r").decode("utf-8")
+        except UnicodeDecodeError:
+            raise FilterError(number, "is not UTF-8 text") from None
+        if number == 1:
+            text = text.removeprefix("\ufeff")
+        odd = OTHER_BREAKS.search(text)
+        if odd:
+            raise FilterError(
+                number, f"holds the line break U+{ord(odd[0]):04X}; end lines with \\n or \\r\\n"
+            )
+        if not text.strip():
+            continue
+        if first and HEADER.fullmatch(text.strip()):
+            first = False
+            continue
+        first = False
+        yield parse_line(text, number)
 
 
-def read_filter(uri: str) -> list[Target]:
-    """Read and parse a local or gs:// filter file."""
-    return parse_filter(read_bytes(uri).decode("utf-8-sig", errors="replace"))
+def parse_filter(data: bytes) -> list[Target]:
+    """The merged targets of a filter file's bytes: none inside another, in the file's order."""
+    return merge(filter_targets(data))
+
+
+def read_filter(uri: str) -> Iterator[Target]:
+    """The targets of a local or gs:// filter file, line by line (see filter_targets)."""
+    return filter_targets(read_bytes(uri))
 
 
 def merge(targets: Iterable[Target]) -> list[Target]:

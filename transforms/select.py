@@ -14,20 +14,11 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from transforms import NAMESPACE
+from transforms import NAMESPACE, progress
 from transforms.dead_letter import failure
 from transforms.failures import item_failure
-from transforms.filters import Target, merge, parse_line
+from transforms.filters import Target, merge, parse_line, read_filter
 from transforms.store import InstanceRef, open_store
-
-
-class ParseFilterLine(beam.DoFn):
-    """A filter file's line -> (study, Target); the file was checked line by line on the launcher."""
-
-    def process(self, line: str) -> Iterator[tuple[str, Target]]:
-        if line.strip():
-            target = parse_line(line)
-            yield target.study, target
 
 
 def merge_study(element: tuple[str, Iterable[Target]]) -> Iterator[Target]:
@@ -70,12 +61,14 @@ class ListInstances(beam.DoFn):
     def process(self, target: Target) -> Iterator[InstanceRef | beam.pvalue.TaggedOutput]:
         if target.sop is not None and target.series is not None:
             self.selected.inc()
+            progress.count("selected")
             yield InstanceRef(target.study, target.series, target.sop)
             return
         found, before = 0, self.store.listed
         try:
             for ref in self.store.instances(target.study, target.series):
                 found += 1
+                progress.count("selected")
                 yield ref
         except BaseException as error:  # item_failure re-raises interrupts and RunFailed
             failed = item_failure(error, "read_error")
@@ -98,8 +91,9 @@ class SelectTargets(beam.PTransform):
     """The Targets of a run: a filter file's lines (or `targets`, the same lines given as options)
     merged study by study, or, with neither, every study of the store.
 
-    The filter file was checked line by line on the launcher; here it is read again inside the
-    pipeline, so that a file of millions of lines never travels in the job's graph.
+    The filter file was checked on the launcher; here it is read again inside the pipeline, by the
+    same reader (transforms/filters.py), so that a file of millions of lines never travels in the
+    job's graph and means here what it meant there.
     """
 
     def __init__(
@@ -112,14 +106,16 @@ class SelectTargets(beam.PTransform):
 
     def expand(self, begin: beam.pvalue.PBegin) -> beam.PCollection[Target]:
         if self.filter_file or self.targets:
-            lines = (
-                begin | "ReadFilter" >> beam.io.ReadFromText(self.filter_file, validate=False)
+            targets = (
+                begin
+                | "FilterFile" >> beam.Create([self.filter_file])
+                | "ReadFilter" >> beam.FlatMap(read_filter)
                 if self.filter_file
-                else begin | "Targets" >> beam.Create(self.targets)
+                else begin | "Targets" >> beam.Create(self.targets) | "ParseTargets" >> beam.Map(parse_line)
             )
             return (
-                lines
-                | "ParseLines" >> beam.ParDo(ParseFilterLine())
+                targets
+                | "KeyByStudy" >> beam.Map(lambda target: (target.study, target))
                 | "ByStudy" >> beam.GroupByKey()
                 | "Merge" >> beam.FlatMap(merge_study)
             )
@@ -158,6 +154,7 @@ class DeleteTargets(beam.DoFn):
             yield failure(_path(target), "select", "no_match", f"no instance in {self.store_location}")
             return
         self.selected.inc(len(refs))
+        progress.count("selected", len(refs))
         try:
             self.store.delete(target.study, target.series, target.sop, listed=refs)
         except BaseException as error:  # item_failure re-raises interrupts and RunFailed
@@ -167,6 +164,7 @@ class DeleteTargets(beam.DoFn):
                 yield failure(ref.path(), "delete", failed.reason, failed.detail)
             return
         self.success.inc(len(refs))
+        progress.finished("success", len(refs))
         yield from refs
 
     def teardown(self) -> None:
