@@ -60,6 +60,8 @@ class Isolated:
     def _start(self) -> None:
         self._end()
         mine, theirs = socket.socketpair()
+        for end in (mine, theirs):  # blocking, whatever socket.setdefaulttimeout() a library has set
+            end.setblocking(True)
         self.process = subprocess.Popen(
             [sys.executable, "-m", __name__, str(theirs.fileno()), self.reason],
             pass_fds=[theirs.fileno()],
