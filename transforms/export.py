@@ -8,14 +8,13 @@ from collections.abc import Iterator
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from transforms import NAMESPACE
+from transforms import NAMESPACE, progress
 from transforms.convert import convert_file
 from transforms.dead_letter import failure
 from transforms.dicom_header import valid_uid
 from transforms.failures import ItemFailed, describe, item_failure
 from transforms.isolated import Isolated
 from transforms.objects import IO_ERRORS, clean_staging, is_gcs, join
-from transforms.progress import Progress
 from transforms.store import InstanceRef, open_store
 
 STAGES = {"invalid_uid": "select", "not_found": "read", "read_error": "read", "write_error": "write"}
@@ -46,7 +45,6 @@ class ExportInstances(beam.DoFn):
     def setup(self) -> None:
         self.store = open_store(self.store_location)
         self.converter = Isolated("cannot_convert")
-        self.progress = Progress("export_dicom")
         if not is_gcs(self.output):  # the contract: {output} exists after an export
             os.makedirs(self.output, exist_ok=True)
             clean_staging(self.output)
@@ -69,7 +67,7 @@ class ExportInstances(beam.DoFn):
             return
         self.counters["success"].inc()
         self.counters["files_written"].inc(len(written))
-        self.progress.add("success")
+        progress.finished("success")
         yield from written
 
     def _export(self, ref: InstanceRef, stem: str) -> list[str]:
@@ -92,7 +90,6 @@ class ExportInstances(beam.DoFn):
 
     def _fail(self, path: str, reason: str, detail: str) -> beam.pvalue.TaggedOutput:
         self.counters["failure"].inc()
-        self.progress.add(reason)
         return failure(path, STAGES.get(reason, "convert"), reason, detail)
 
     def teardown(self) -> None:

@@ -9,14 +9,13 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from transforms import NAMESPACE
+from transforms import NAMESPACE, progress
 from transforms.dead_letter import failure
 from transforms.dicom_header import read_header
 from transforms.failures import item_failure
 from transforms.flatten import Flat, flatten
 from transforms.metadata_sink import current_keys, with_event
 from transforms.objects import MatchedFile, open_ranged
-from transforms.progress import Progress
 from transforms.store import InstanceRef, open_store
 
 
@@ -39,7 +38,6 @@ class StoreRows(beam.DoFn):
 
     def setup(self) -> None:
         self.store = open_store(self.store_location)
-        self.progress = Progress("export_metadata")
 
     def process(self, ref: InstanceRef) -> Iterator[Flat | beam.pvalue.TaggedOutput]:
         try:
@@ -49,11 +47,10 @@ class StoreRows(beam.DoFn):
             missing = isinstance(error, FileNotFoundError)
             failed = item_failure(error, "not_found" if missing else "read_error")
             self.failures.inc()
-            self.progress.add(failed.reason)
             yield failure(ref.path(), "read", failed.reason, failed.detail)
             return
         self.success.inc()
-        self.progress.add("success")
+        progress.finished("success")
         yield with_event(flat, "CREATE", now(), blob.storage_class, blob.size)
 
     def teardown(self) -> None:

@@ -5,7 +5,7 @@ stage as one bundle), so these counts live beside them, under the same names:
 - what is found: `matched` files (import) or `selected` instances, counted where they pass;
 - what is parsed on the way (`parsed`, import);
 - what is done: `success` and `already_present`, counted by the DoFns that decide them
-  (`Progress.add`, `finished`), and failures, counted by reason (`failure_<reason>`) where they meet
+  (`finished`), and failures, counted by reason (`failure_<reason>`) where they meet
   the dead letter (`CountFailures`), as the summary counts them.
 
 In the launcher's process the counts are shared by every worker thread. A worker process of
@@ -62,16 +62,6 @@ def finished(outcome: str, n: int = 1) -> None:
     meet the dead letter (CountFailures), once, whatever DoFn failed them."""
     if outcome in SUCCEEDED:
         count(outcome, n)
-
-
-class Progress:
-    """What a DoFn that finishes items holds: `add` is `finished`."""
-
-    def __init__(self, label: str) -> None:
-        self.label = label  # the pipeline's name, for the reader of the DoFn
-
-    def add(self, outcome: str) -> None:
-        finished(outcome)
 
 
 class Count(beam.PTransform):

@@ -17,12 +17,11 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
 
-from transforms import NAMESPACE
+from transforms import NAMESPACE, progress
 from transforms.dead_letter import failure
 from transforms.dicom_header import read_header
 from transforms.failures import item_failure
 from transforms.objects import MatchedFile, open_ranged
-from transforms.progress import Progress
 from transforms.store import FAILURE, SUCCESS, InstanceRef, Parsed, Written, open_store
 
 MAX_BATCH_INSTANCES = 100
@@ -81,7 +80,6 @@ class WriteInstances(beam.DoFn):
         )
         self.store.remove_leftovers()
         self.pool = concurrent.futures.ThreadPoolExecutor(IN_FLIGHT)
-        self.progress = Progress("import_dicom")
 
     def start_bundle(self) -> None:
         self.batch: list[Parsed] = []
@@ -136,7 +134,7 @@ class WriteInstances(beam.DoFn):
         Instance UID of one written just before in this run."""
         for item, written in zip(batch, results, strict=True):
             self.counters[written.outcome].inc()
-            self.progress.add(written.outcome if written.outcome != FAILURE else written.reason)
+            progress.finished(written.outcome)
             if written.outcome == FAILURE:
                 yield failure(item.file.uri, "store", written.reason, written.detail)
                 continue
