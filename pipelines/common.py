@@ -183,8 +183,8 @@ def _failed(
     """Exit 1: one line on stderr, and the summary of what was counted before, with the error."""
     if error is not None:
         LOGGER.error("the run failed", exc_info=error)
-    log.keep = True
     kept = {"log": log.path} if os.path.exists(log.path) and os.path.getsize(log.path) else {}
+    log.keep = bool(kept)  # an empty log (Ctrl-C, say) tells nothing: it goes
     print(f"error: {reason}", file=sys.stderr)
     print(json.dumps(so_far(counts, summarize) | {"error": reason} | kept))
     return 1
@@ -212,6 +212,9 @@ def failure_line(summary: dict[str, Any], dead_letter: str) -> str:
         kind = "files" if "matched" in summary else "instances"
         total = summary.get("matched", summary.get("selected", 0))
         parts.append(f"{failed:,} of {total:,} {kind} failed")
+    rows = summary.get("metadata_failures", 0)
+    if rows:
+        parts.append(f"{rows:,} metadata row{'s' if rows > 1 else ''} could not be made")
     unmatched = summary.get("unmatched_patterns", summary.get("unmatched_targets", 0))
     if unmatched:
         what = "pattern" if "unmatched_patterns" in summary else "filter line"

@@ -39,6 +39,8 @@ from transforms.store import ALREADY_PRESENT, STORAGE_CLASSES, SUCCESS, store_ki
 from transforms.store_instances import ParseInstances, WriteInstances
 from transforms.wildcard import Pattern, PatternError, parse_pattern
 
+ROWS_CHECKED = 10_000  # already-present instances whose rows one look at a destination checks
+
 
 class ImportDicomOptions(PipelineOptions):
     @classmethod
@@ -106,6 +108,8 @@ def parse(argv: Sequence[str]) -> PipelineOptions:
             raise OptionError("storage_class", f"must be one of {', '.join(STORAGE_CLASSES)}")
         if store_kind(shared.store) == "files":
             raise OptionError("storage_class", "applies to DICOMweb and Cloud Healthcare API stores only")
+    if mine.verify_stored and store_kind(shared.store) == "files":
+        raise OptionError("verify_stored", "applies to DICOMweb and Cloud Healthcare API stores only")
     if mine.max_requests_in_flight is not None:
         if mine.max_requests_in_flight < 1:
             raise OptionError("max_requests_in_flight", "must be a positive number")
@@ -158,7 +162,7 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions) -> None:
     failures = [expanded[DEAD_LETTER], parsed[DEAD_LETTER], stored[DEAD_LETTER]]
     name = run_name("import_dicom")
     if shared.metadata_destination:
-        failures += _write_rows(stored.stored, shared, mine.storage_class, name)
+        failures += _write_rows(stored.stored, shared, mine, name)
     _ = (
         count_failures(failures)
         | "AllFailures" >> beam.Flatten()
@@ -167,12 +171,12 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions) -> None:
 
 
 def _write_rows(
-    stored: beam.PCollection[dict], shared: SharedOptions, storage_class: str | None, name: str
+    stored: beam.PCollection[dict], shared: SharedOptions, mine: ImportDicomOptions, name: str
 ) -> list[beam.PCollection]:
     """One CREATE row per newly stored instance, as the Healthcare API's streaming does, to every
     destination; and, to each destination, rows for the already-present instances it has no
     current row for (a run stopped between storing and writing rows): the dead letters."""
-    rows_of = StoredRows(shared.store, shared.exclude_vr, storage_class)
+    rows_of = StoredRows(shared.store, shared.exclude_vr, mine.storage_class, mine.max_requests_in_flight)
     new = (
         stored
         | "NewlyStored" >> beam.Filter(lambda record: record["outcome"] == SUCCESS)
@@ -182,7 +186,7 @@ def _write_rows(
         stored
         | "AlreadyPresent"
         >> beam.Filter(lambda record: record["outcome"] == ALREADY_PRESENT and not record["repeated"])
-        | "PresentBatches" >> beam.BatchElements(min_batch_size=100, max_batch_size=10_000)
+        | "PresentBatches" >> beam.BatchElements(min_batch_size=ROWS_CHECKED, max_batch_size=ROWS_CHECKED)
     )
     failures = [new[DEAD_LETTER]]
     for number, destination in enumerate(shared.metadata_destination, start=1):

@@ -126,8 +126,8 @@ class RunOptions(PipelineOptions):
         parser.add_argument(
             "--verbose",
             action="store_true",
-            help="Show the logs of every library (warnings, tracebacks) on stderr too; they always go "
-            "to the run's log file.",
+            help="Show the logs of every library (warnings, tracebacks) on stderr as they come, besides "
+            "the run's log file (kept, and named in the summary, only when the run fails).",
         )
 
 

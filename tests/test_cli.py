@@ -363,3 +363,23 @@ def test_a_run_prints_its_summary_last_and_nothing_on_stderr(place: Place) -> No
     assert len(list((place.cwd / "store").rglob("*.dcm"))) == 1
     assert not (place.cwd / "dead_letter").exists() or not list((place.cwd / "dead_letter").iterdir())
     assert not list(place.tmp.iterdir()), "a run that did not fail keeps no log file"
+
+
+def test_an_option_for_dicomweb_stores_is_refused_on_a_file_layout_store(place: Place) -> None:
+    for option in ("--verify_stored", "--storage_class=NEARLINE", "--max_requests_in_flight=2"):
+        line = refused(place, "script", "import_dicom", "--store=store", "--input", MR_SERIES[0], option)
+        assert line.endswith("applies to DICOMweb and Cloud Healthcare API stores only"), line
+
+
+def test_the_exit_3_line_counts_metadata_rows_that_could_not_be_made() -> None:
+    """A stored instance whose row fails is no failed file: the line says so, with its reason."""
+    from pipelines.common import failure_line
+    from pipelines.import_dicom import summarize
+
+    counts = {"matched": 3, "success": 3, "metadata_failures": 1, "failure_read_error": 1}
+    summary, failed = summarize(counts)
+
+    assert failed
+    assert failure_line(summary, "/srv/dl") == (
+        "error: 1 metadata row could not be made (read_error 1); the dead letters are in /srv/dl"
+    )

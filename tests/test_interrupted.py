@@ -112,3 +112,26 @@ def test_leftover_staging_files_of_dead_runs_go_and_a_live_run_keeps_its_own(tmp
     assert clean_staging(str(tmp_path)) == 2
 
     assert sorted(staging.iterdir()) == sorted([live, other_host_recent])
+
+
+def test_temporary_copies_of_a_killed_process_go_at_the_next_spool() -> None:
+    """Downloads and transcoded files live in a staging directory of their own; a process killed
+    while it held one leaves it there, and the next process's first spool removes it."""
+    script = (
+        "import os, time; from transforms.objects import spool_file\n"
+        "with spool_file() as path:\n"
+        "    open(path, 'wb').write(b'half an instance'); print(path, flush=True); time.sleep(60)\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=ROOT,
+        env={"PYTHONPATH": str(ROOT), "PATH": os.environ["PATH"]},
+    )  # fmt: skip
+    left = Path(holder.stdout.readline().strip())
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    assert left.exists()
+
+    cleaner = "from transforms.objects import spool_file\nwith spool_file(): pass\n"
+    subprocess.run([sys.executable, "-c", cleaner], check=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT)})
+
+    assert not left.exists()

@@ -14,9 +14,7 @@ from __future__ import annotations
 import contextlib
 import io
 import itertools
-import os
 import struct
-import tempfile
 import warnings
 import zlib
 from collections.abc import Iterator
@@ -55,7 +53,7 @@ from pydicom.uid import (
 
 from transforms.dicom_header import check_inflated_size
 from transforms.failures import ItemFailed, describe, item_failure
-from transforms.objects import IO_ERRORS, copy, delete_tree, write_bytes
+from transforms.objects import IO_ERRORS, copy, delete_tree, spool_file, write_bytes
 
 FILE_TYPES = {"dicom": "dcm", "octet-stream": "bin", "jpeg": "jpg", "png": "png"}
 TRANSFER_SYNTAXES: dict[str, str] = {
@@ -104,10 +102,10 @@ def convert_file(local: str, stem: str, file_type: str, transfer_syntax: str | N
 
 def _write_dicom(ds: Dataset, local: str, name: str, transfer_syntax: str, root: str) -> None:
     """`local` as `name`, transcoded unless it is in `transfer_syntax` already."""
-    with tempfile.TemporaryDirectory(prefix="dicom-etl-") as directory:
+    with spool_file() as transcoded:
         source = local
         if ds.file_meta.get("TransferSyntaxUID") != transfer_syntax:
-            source = os.path.join(directory, "transcoded.dcm")
+            source = transcoded
             with open(source, "wb") as out:
                 transcode(ds, transfer_syntax, out)
         with _failing_as_write_error():

@@ -26,7 +26,6 @@ import logging
 import os
 import random
 import re
-import tempfile
 import threading
 import time
 import xml.etree.ElementTree as ElementTree
@@ -42,7 +41,7 @@ from transforms import NAMESPACE
 from transforms.dicom_header import data_set_digest
 from transforms.failures import describe
 from transforms.multipart import CHUNK, SOURCE_BUFFER, MultipartBody, SourceUnreadable, save_single_part
-from transforms.objects import MatchedFile, open_ranged
+from transforms.objects import MatchedFile, open_ranged, spool_file
 from transforms.store import (
     ALREADY_PRESENT,
     FAILURE,
@@ -347,8 +346,7 @@ class DicomWebStore(Store):
     def spool(self, ref: InstanceRef) -> Iterator[str]:
         """WADO-RS in the stored transfer syntax, written to a temporary file as it arrives; an
         answer that breaks off is asked again."""
-        with tempfile.TemporaryDirectory(prefix="dicom-etl-") as directory:
-            path = os.path.join(directory, "instance.dcm")
+        with spool_file() as path:
             for attempt in range(1, BROKEN_BODY_ATTEMPTS + 1):
                 response = self._request("GET", ref.path(), headers={"Accept": DICOM_PART}, stream=True)
                 try:

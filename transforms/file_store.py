@@ -15,7 +15,6 @@ import contextlib
 import hashlib
 import os
 import re
-import tempfile
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -40,6 +39,7 @@ from transforms.objects import (
     read_bytes,
     size_of,
     split_gcs,
+    spool_file,
     write_bytes,
 )
 from transforms.store import (
@@ -168,8 +168,7 @@ class FileLayoutStore(Store):
                 raise FileNotFoundError(source)
             yield source
             return
-        with tempfile.TemporaryDirectory(prefix="dicom-etl-") as directory:
-            local = os.path.join(directory, "instance.dcm")
+        with spool_file() as local:
             download(source, local)
             yield local
 

@@ -81,14 +81,21 @@ class StoredRows(beam.DoFn):
     the store reports them, else the file's size and the `--storage_class` given. A row that
     cannot be made is a dead letter and counted: the run then exits 3."""
 
-    def __init__(self, store_location: str, exclude_vrs: Collection[str], storage_class: str | None) -> None:
+    def __init__(
+        self,
+        store_location: str,
+        exclude_vrs: Collection[str],
+        storage_class: str | None,
+        max_requests_in_flight: int | None = None,
+    ) -> None:
         self.store_location = store_location
+        self.max_requests_in_flight = max_requests_in_flight
         self.exclude_vrs = frozenset(exclude_vrs)
         self.storage_class = storage_class
         self.failures = Metrics.counter(NAMESPACE, "metadata_failures")
 
     def setup(self) -> None:
-        self.store = open_store(self.store_location)
+        self.store = open_store(self.store_location, max_requests_in_flight=self.max_requests_in_flight)
 
     def process(self, stored: dict[str, Any]) -> Iterator[Flat | beam.pvalue.TaggedOutput]:
         ref = InstanceRef(stored["study_uid"], stored["series_uid"], stored["sop_uid"])

@@ -28,6 +28,7 @@ import io
 import os
 import shutil
 import socket
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -45,6 +46,8 @@ READ_WHOLE_BELOW = 256 * 1024  # smaller files are read in one request: round tr
 STAGING = ".dicom-etl-tmp"
 STALE_AFTER = 24 * 3600  # seconds: a staging file this old is left over, even from another host
 HOST = socket.gethostname().replace(".", "_")
+SPOOL_ROOT = os.path.join(tempfile.gettempdir(), "dicom-etl")  # its staging directory holds spools
+_spool_cleaned: list[bool] = []  # whether this process has cleaned SPOOL_ROOT yet
 
 
 class SourceReadError(OSError):
@@ -321,6 +324,22 @@ def _staging_file(root: str) -> str:
             if attempt == 2:
                 raise
     raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def spool_file() -> Iterator[str]:
+    """A path for a local temporary copy of an instance on its way through (a download, a transcoded
+    file), removed after use. It is a staging file under SPOOL_ROOT, named for this process, so
+    what a killed run left there is removed by the first spool of any later process."""
+    if not _spool_cleaned:
+        clean_staging(SPOOL_ROOT)
+        _spool_cleaned.append(True)
+    path = _staging_file(SPOOL_ROOT)
+    try:
+        yield path
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 def clean_staging(root: str) -> int:
