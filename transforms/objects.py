@@ -46,7 +46,7 @@ READ_WHOLE_BELOW = 256 * 1024  # smaller files are read in one request: round tr
 STAGING = ".dicom-etl-tmp"
 STALE_AFTER = 24 * 3600  # seconds: a staging file this old is left over, even from another host
 HOST = socket.gethostname().replace(".", "_")
-SPOOL_ROOT = os.path.join(tempfile.gettempdir(), "dicom-etl")  # its staging directory holds spools
+SPOOL_ROOT = tempfile.gettempdir()  # its staging directory holds the spools
 _spool_cleaned: list[bool] = []  # whether this process has cleaned SPOOL_ROOT yet
 
 
@@ -340,6 +340,8 @@ def spool_file() -> Iterator[str]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.dirname(path))  # only when empty; a writer recreates it
 
 
 def clean_staging(root: str) -> int:
