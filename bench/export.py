@@ -51,8 +51,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.import_parse import LARGE, valid_sources  # noqa: E402
 from pipelines import export_dicom  # noqa: E402
+from storage.file_store import INSTANCE_PATH  # noqa: E402
 from tests.gcs_emulator import running_emulator  # noqa: E402
-from transforms.file_store import INSTANCE_PATH  # noqa: E402
 
 BUCKET = "export-bench"
 STORE = "store"

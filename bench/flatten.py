@@ -7,7 +7,7 @@ charset files and pydicom-data, the multi-MB images in their natural proportion)
 each instance with fresh Study, Series and SOP Instance UIDs, until there are at least `instances`
 files, written once to a temporary directory. Then, on the same files, in one process:
   ours      open_ranged + read_header (stops before Pixel Data, checks the rest by element headers)
-            + transforms.flatten.flatten(header.dataset): one row of the metadata table
+            + dicomlib.flatten.flatten(header.dataset): one row of the metadata table
   baseline  what a hand-written script does: pydicom.dcmread(path) of the whole file, pixels
             included, ds.to_json_dict() with its defaults (no bulk data handler, so binary values,
             Pixel Data too, are inlined as base64 whatever their size; the file meta group is not in
@@ -49,9 +49,9 @@ from pydicom.uid import generate_uid
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.import_parse import valid_sources  # noqa: E402
-from transforms.dicom_header import read_header  # noqa: E402
-from transforms.flatten import flatten  # noqa: E402
-from transforms.objects import MatchedFile, open_ranged  # noqa: E402
+from dicomlib.flatten import flatten  # noqa: E402
+from dicomlib.header import read_header  # noqa: E402
+from storage.objects import MatchedFile, open_ranged  # noqa: E402
 
 
 def emit(metric: str, ours: float, baseline: float | None, target: float | None, met: bool | None) -> None:

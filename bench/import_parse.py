@@ -27,13 +27,13 @@ from pydicom.uid import generate_uid
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dicomlib.failures import ItemFailed  # noqa: E402
+from dicomlib.header import read_header  # noqa: E402
+from dicomlib.wildcard import parse_pattern  # noqa: E402
+from storage.objects import Lister, MatchedFile, open_ranged  # noqa: E402
 from tests.conftest import corpus_roots  # noqa: E402
 from tests.gcs_emulator import running_emulator, upload_tree  # noqa: E402
-from transforms.dicom_header import read_header  # noqa: E402
 from transforms.expand import expand  # noqa: E402
-from transforms.failures import ItemFailed  # noqa: E402
-from transforms.objects import Lister, MatchedFile, open_ranged  # noqa: E402
-from transforms.wildcard import parse_pattern  # noqa: E402
 
 LARGE = 2_000_000  # "multi-MB": the files whose pixel data dominates
 
@@ -102,7 +102,7 @@ def baseline_local(file: MatchedFile) -> int:
 
 
 def baseline_gcs(file: MatchedFile) -> int:
-    from transforms.objects import gcs_client, split_gcs
+    from storage.objects import gcs_client, split_gcs
 
     bucket, name = split_gcs(file.uri)
     data = gcs_client().bucket(bucket).blob(name).download_as_bytes()

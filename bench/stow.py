@@ -57,14 +57,14 @@ from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.import_parse import make_instances  # noqa: E402
+from dicomlib.wildcard import parse_pattern  # noqa: E402
 from pipelines import import_dicom  # noqa: E402
+from storage.store import Parsed  # noqa: E402
 from tests.fault_proxy import FaultProxy  # noqa: E402
 from tests.orthanc_server import Orthanc, running_orthanc  # noqa: E402
 from transforms.dead_letter import DEAD_LETTER  # noqa: E402
 from transforms.expand import ExpandPatterns  # noqa: E402
-from transforms.store import Parsed  # noqa: E402
 from transforms.store_instances import ParseInstances  # noqa: E402
-from transforms.wildcard import parse_pattern  # noqa: E402
 
 LARGE_FRACTION = 0.05
 CEILING_THREADS = (1, 4, 8, 16)

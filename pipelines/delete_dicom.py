@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines.common import execute, failure_reasons, run_name
+from dicomlib.filters import FilterError, parse_line
 from pipelines.options import (
     OptionError,
     SharedOptions,
@@ -28,12 +28,13 @@ from pipelines.options import (
     parse_options,
     repeated,
 )
+from pipelines.run import execute, failure_reasons, run_name
+from schemas.rows import delete_row
 from transforms.dead_letter import DEAD_LETTER, WriteDeadLetters
-from transforms.filters import FilterError, parse_line
 from transforms.metadata_rows import now
-from transforms.metadata_sink import WriteMetadata, delete_row
 from transforms.progress import CountFailures
 from transforms.select import DeleteTargets, SelectTargets
+from transforms.write_metadata import WriteMetadata
 
 
 class DeleteDicomOptions(PipelineOptions):

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines.common import execute, failure_reasons, run_name
+from dicomlib.convert import FILE_TYPES, TRANSFER_SYNTAXES
 from pipelines.options import (
     OptionError,
     SharedOptions,
@@ -26,7 +26,7 @@ from pipelines.options import (
     dead_letter_location,
     parse_options,
 )
-from transforms.convert import FILE_TYPES, TRANSFER_SYNTAXES
+from pipelines.run import execute, failure_reasons, run_name
 from transforms.dead_letter import DEAD_LETTER, WriteDeadLetters
 from transforms.export import ExportInstances
 from transforms.progress import count_failures

@@ -16,7 +16,6 @@ from collections.abc import Sequence
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines.common import execute, failure_reasons, run_name
 from pipelines.options import (
     OptionError,
     SharedOptions,
@@ -27,11 +26,12 @@ from pipelines.options import (
     dead_letter_location,
     parse_options,
 )
+from pipelines.run import execute, failure_reasons, run_name
 from transforms.dead_letter import DEAD_LETTER, WriteDeadLetters
 from transforms.metadata_rows import StoreRows
-from transforms.metadata_sink import WRITE_DISPOSITIONS, WriteMetadata
 from transforms.progress import count_failures
 from transforms.select import ListInstances, SelectTargets
+from transforms.write_metadata import WRITE_DISPOSITIONS, WriteMetadata
 
 
 class ExportMetadataOptions(PipelineOptions):

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines.common import execute, failure_reasons, run_name
+from dicomlib.wildcard import Pattern, PatternError, parse_pattern
 from pipelines.options import (
     OptionError,
     SharedOptions,
@@ -30,14 +30,15 @@ from pipelines.options import (
     parse_options,
     repeated,
 )
+from pipelines.run import execute, failure_reasons, run_name
+from storage.store import ALREADY_PRESENT, STORAGE_CLASSES, SUCCESS
+from storage.stores import store_kind
 from transforms.dead_letter import DEAD_LETTER, WriteDeadLetters
 from transforms.expand import ExpandPatterns
 from transforms.metadata_rows import StoredRows, WithoutCurrentRow
-from transforms.metadata_sink import WriteMetadata
 from transforms.progress import Count, count_failures
-from transforms.store import ALREADY_PRESENT, STORAGE_CLASSES, SUCCESS, store_kind
 from transforms.store_instances import ParseInstances, WriteInstances
-from transforms.wildcard import Pattern, PatternError, parse_pattern
+from transforms.write_metadata import WriteMetadata
 
 ROWS_CHECKED = 10_000  # already-present instances whose rows one look at a destination checks
 

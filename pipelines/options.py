@@ -22,10 +22,10 @@ from typing import Any, NoReturn
 
 from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions, StandardOptions
 
-from transforms.filters import FilterError, read_filter
-from transforms.metadata_sink import BIGQUERY_TABLE, MAX_DESTINATIONS
-from transforms.objects import is_gcs, split_gcs
-from transforms.store import HEALTHCARE_STORE, store_kind
+from dicomlib.filters import FilterError
+from storage.objects import is_gcs, read_filter, split_gcs
+from storage.stores import HEALTHCARE_STORE, store_kind
+from transforms.write_metadata import BIGQUERY_TABLE, MAX_DESTINATIONS
 
 LOCAL_RUNNERS = {None, "DirectRunner", "direct", "directrunner"}
 KNOWN_VRS = frozenset(

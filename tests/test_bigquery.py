@@ -29,7 +29,7 @@ from tests.conftest import Run, run_import, run_pipeline
 from tests.gcs_emulator import running_emulator
 from tests.orthanc_server import Orthanc
 from tests.test_metadata import view as parquet_view
-from transforms.metadata_sink import PARQUET_VIEW, UIDS
+from transforms.write_metadata import PARQUET_VIEW, UIDS
 
 PROJECT = "dicom-etl-test"
 TEMP = "gs://beam-temp/tmp"

@@ -373,8 +373,8 @@ def test_an_option_for_dicomweb_stores_is_refused_on_a_file_layout_store(place: 
 
 def test_the_exit_3_line_counts_metadata_rows_that_could_not_be_made() -> None:
     """A stored instance whose row fails is no failed file: the line says so, with its reason."""
-    from pipelines.common import failure_line
     from pipelines.import_dicom import summarize
+    from pipelines.run import failure_line
 
     counts = {"matched": 3, "success": 3, "metadata_failures": 1, "failure_read_error": 1}
     summary, failed = summarize(counts)

@@ -23,8 +23,8 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.pixels import pixel_array, unpack_bits
 
-from transforms.convert import TRANSFER_SYNTAXES, frames, read_instance, render, transcode
-from transforms.failures import ItemFailed
+from dicomlib.convert import TRANSFER_SYNTAXES, frames, read_instance, render, transcode
+from dicomlib.failures import ItemFailed
 
 pytestmark = pytest.mark.filterwarnings("ignore")  # pydicom warns about many odd corpus files
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from storage.file_store import FileLayoutStore
+from storage.stores import open_store
 from tests.conftest import Run, run_import, run_pipeline
 from tests.orthanc_server import Orthanc
-from transforms.file_store import FileLayoutStore
-from transforms.store import open_store
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample"
 

@@ -9,13 +9,14 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from storage import dicomweb
+from storage.file_store import FileLayoutStore
+from storage.store import Store
+from storage.stores import open_store
 from tests.conftest import run_import
 from tests.fault_proxy import Fault, FaultProxy
 from tests.orthanc_server import REJECTED_PATIENT_ID, Orthanc
 from tests.test_stores import data_set
-from transforms import dicomweb
-from transforms.file_store import FileLayoutStore
-from transforms.store import Store, open_store
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample"
 

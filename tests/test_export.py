@@ -13,11 +13,11 @@ import pytest
 from google.cloud import storage
 from PIL import Image
 
+from dicomlib.uids import InstanceRef
+from storage.file_store import FileLayoutStore
 from tests.conftest import Run, run_export, run_import
 from tests.gcs_emulator import upload_tree
 from tests.orthanc_server import Orthanc
-from transforms.file_store import FileLayoutStore
-from transforms.store import InstanceRef
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample"
 

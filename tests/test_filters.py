@@ -9,9 +9,9 @@ import duckdb
 import pydicom
 import pytest
 
+from dicomlib.filters import FilterError, Target, parse_filter, parse_line
+from dicomlib.uids import InstanceRef
 from tests.command_line import ENTRIES, SAMPLE, Place
-from transforms.filters import FilterError, Target, parse_filter, parse_line
-from transforms.store import InstanceRef
 
 
 @pytest.fixture(scope="module")

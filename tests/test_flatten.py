@@ -1,4 +1,4 @@
-"""transforms.flatten: one data set as one row of the metadata table (CONTRACT.md, "Metadata table").
+"""dicomlib.flatten: one data set as one row of the metadata table (CONTRACT.md, "Metadata table").
 
 The corpus test checks every readable file against an independent oracle, dcmtk's dcm2json, run on
 a copy cut just before Pixel Data (what stop_before_pixels reads; dcm2json refuses encapsulated
@@ -42,14 +42,9 @@ from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 
-from schemas.bigquery import DROPPED_TAGS_FIELD, column_count, nesting_depth, restrict, to_arrow
-from transforms.flatten import (
-    MAX_SEQUENCE_DEPTH,
-    MAX_VALUE_BYTES,
-    OTHER_ELEMENTS_FIELD,
-    Flat,
-    flatten,
-)
+from dicomlib.flatten import MAX_SEQUENCE_DEPTH, MAX_VALUE_BYTES, OTHER_ELEMENTS_FIELD, flatten
+from schemas.bigquery import DROPPED_TAGS_FIELD, column_count, nesting_depth, to_arrow
+from schemas.rows import Flat, restrict
 
 pytestmark = pytest.mark.filterwarnings("ignore")  # pydicom warns about many odd corpus files
 

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 from google.cloud import storage
 
+from storage import objects
+from storage.file_store import FileLayoutStore
 from tests.conftest import run_export, run_import
 from tests.fault_proxy import Fault, FaultProxy
 from tests.gcs_emulator import upload_tree
 from tests.test_delete import run_delete
-from transforms import objects
-from transforms.file_store import FileLayoutStore
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample"
 FAULTS = [Fault.status(429), Fault.status(503)]

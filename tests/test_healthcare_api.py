@@ -16,6 +16,12 @@ import pydicom
 import pytest
 import requests
 
+from dicomlib.uids import InstanceRef
+from storage import dicomweb, healthcare_api
+from storage.dicomweb import Failed, stow_answer
+from storage.healthcare_api import ListingTooLarge
+from storage.store import BlobInfo
+from storage.stores import open_store
 from tests.conftest import run_export, run_import
 from tests.healthcare_server import (
     REJECTED_PATIENT_ID,
@@ -26,10 +32,6 @@ from tests.healthcare_server import (
 )
 from tests.orthanc_server import Orthanc
 from tests.test_delete import run_delete
-from transforms import dicomweb, healthcare_api
-from transforms.dicomweb import Failed, stow_answer
-from transforms.healthcare_api import ListingTooLarge
-from transforms.store import BlobInfo, InstanceRef, open_store
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample"
 SOURCES = sorted(SAMPLE.rglob("*.dcm"))

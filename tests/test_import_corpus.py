@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from dicomlib.uids import valid_uid
 from tests.conftest import Run, run_import, stored_instances
 from tests.gcs_emulator import upload_tree
-from transforms.dicom_header import valid_uid
 
 UID_TAGS = {"0020,000d": "study", "0020,000e": "series", "0008,0018": "sop"}
 

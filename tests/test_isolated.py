@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from pydicom.data import get_testdata_file
 
-from transforms.failures import ItemFailed
-from transforms.isolated import Isolated
+from dicomlib.failures import ItemFailed
+from dicomlib.isolated import Isolated
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,11 +14,11 @@ import pyarrow.parquet as pq
 import pydicom
 import pytest
 
+from storage.file_store import FileLayoutStore
 from tests.conftest import Run, run_export, run_import, run_pipeline
 from tests.orthanc_server import Orthanc
 from tests.test_export import a_filter, exported
-from transforms.file_store import FileLayoutStore
-from transforms.metadata_sink import PARQUET_VIEW
+from transforms.write_metadata import PARQUET_VIEW
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample"
 CT = SAMPLE / "ct" / "CT_small.dcm"

@@ -18,6 +18,7 @@ from google.cloud import bigquery
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
+from dicomlib.flatten import flatten
 from schemas.bigquery import (
     DROPPED_TAGS_FIELD,
     EVENT_FIELDS,
@@ -28,11 +29,10 @@ from schemas.bigquery import (
     column_count,
     merge,
     nesting_depth,
-    restrict,
     to_arrow,
     to_bigquery,
 )
-from transforms.flatten import Flat, flatten
+from schemas.rows import Flat, restrict
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

@@ -11,22 +11,15 @@ import pydicom
 import pytest
 import requests
 
+from dicomlib.header import data_set_digest, read_header
+from dicomlib.uids import InstanceRef
+from storage.dicomweb import parse_stow_response
+from storage.multipart import MultipartBody
+from storage.objects import MatchedFile, open_ranged
+from storage.store import ALREADY_PRESENT, FAILURE, SUCCESS, Parsed, Store, StoreUnavailable
+from storage.stores import open_store
 from tests.healthcare_server import STORE
 from tests.orthanc_server import Orthanc
-from transforms.dicom_header import data_set_digest, read_header
-from transforms.dicomweb import parse_stow_response
-from transforms.multipart import MultipartBody
-from transforms.objects import MatchedFile, open_ranged
-from transforms.store import (
-    ALREADY_PRESENT,
-    FAILURE,
-    SUCCESS,
-    InstanceRef,
-    Parsed,
-    Store,
-    StoreUnavailable,
-    open_store,
-)
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample"
 

@@ -23,9 +23,9 @@ import apache_beam as beam
 import pytest
 from google.cloud import storage
 
+from dicomlib.convert import TRANSFER_SYNTAXES
 from pipelines import delete_dicom, export_dicom, export_metadata, import_dicom
 from pipelines.options import OptionError, SharedOptions
-from transforms.convert import TRANSFER_SYNTAXES
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 PIPELINES: dict[str, tuple[ModuleType, type]] = {

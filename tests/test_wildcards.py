@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from dicomlib.wildcard import PatternError, parse_pattern
+from storage.objects import Lister
 from tests.gcs_emulator import upload_tree
 from transforms.expand import expand
-from transforms.objects import Lister
-from transforms.wildcard import PatternError, parse_pattern
 
 TREE = [
     "data/Example.dcm",

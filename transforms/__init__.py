@@ -1,3 +1,1 @@
-"""Reusable Beam transforms and the I/O they stand on."""
-
-NAMESPACE = "dicom_etl"  # of every Metrics counter and of the progress logger
+"""Beam transforms: thin DoFns and PTransforms over the storage and dicomlib libraries."""

@@ -10,8 +10,8 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from transforms import NAMESPACE
-from transforms.objects import clean_staging, join, write_bytes
+from dicomlib import NAMESPACE
+from storage.objects import clean_staging, join, write_bytes
 
 DEAD_LETTER = "dead_letter"
 LINES_PER_FILE = 10_000

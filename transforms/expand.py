@@ -15,10 +15,10 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 from google.api_core.exceptions import GoogleAPIError
 
-from transforms import NAMESPACE
+from dicomlib import NAMESPACE
+from dicomlib.wildcard import Pattern, has_wildcard, literal_prefix, segment_regex
+from storage.objects import Lister, MatchedFile
 from transforms.dead_letter import failure
-from transforms.objects import Lister, MatchedFile
-from transforms.wildcard import Pattern, has_wildcard, literal_prefix, segment_regex
 
 GCS_GLOB_SPECIAL = re.compile(r"[\[\]{}\\,]")
 

@@ -8,14 +8,15 @@ from collections.abc import Iterator
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from transforms import NAMESPACE, progress
-from transforms.convert import convert_file
+from dicomlib import NAMESPACE
+from dicomlib.failures import ItemFailed, describe, item_failure
+from dicomlib.isolated import Isolated
+from dicomlib.uids import InstanceRef, valid_uid
+from storage.export_files import convert_file
+from storage.objects import IO_ERRORS, clean_staging, is_gcs, join
+from storage.stores import open_store
+from transforms import progress
 from transforms.dead_letter import failure
-from transforms.dicom_header import valid_uid
-from transforms.failures import ItemFailed, describe, item_failure
-from transforms.isolated import Isolated
-from transforms.objects import IO_ERRORS, clean_staging, is_gcs, join
-from transforms.store import InstanceRef, open_store
 
 STAGES = {"invalid_uid": "select", "not_found": "read", "read_error": "read", "write_error": "write"}
 CONVERT_SECONDS = 600  # the most a conversion may take, plus CONVERT_SECONDS_PER_MB of its file
@@ -28,7 +29,7 @@ class ExportInstances(beam.DoFn):
     `dicom` writes `{sop}.dcm`, unchanged (copied server-side when both ends are in GCS) or
     transcoded to `transfer_syntax`; the other types write one file per frame (see
     convert.convert_file). Conversions read the instance from a local file (the stored file, or a
-    temporary copy) in a child process (transforms/isolated.py): a codec that crashes or hangs on
+    temporary copy) in a child process (dicomlib/isolated.py): a codec that crashes or hangs on
     a hostile file costs that instance a `cannot_convert` dead letter, not the run.
     """
 

@@ -9,14 +9,17 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from transforms import NAMESPACE, progress
+from dicomlib import NAMESPACE
+from dicomlib.failures import item_failure
+from dicomlib.flatten import flatten
+from dicomlib.header import read_header
+from dicomlib.uids import InstanceRef
+from schemas.rows import Flat, with_event
+from storage.objects import MatchedFile, open_ranged
+from storage.stores import open_store
+from transforms import progress
 from transforms.dead_letter import failure
-from transforms.dicom_header import read_header
-from transforms.failures import item_failure
-from transforms.flatten import Flat, flatten
-from transforms.metadata_sink import current_keys, with_event
-from transforms.objects import MatchedFile, open_ranged
-from transforms.store import InstanceRef, open_store
+from transforms.write_metadata import current_keys
 
 
 def now() -> datetime.datetime:

@@ -14,11 +14,14 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from transforms import NAMESPACE, progress
+from dicomlib import NAMESPACE
+from dicomlib.failures import item_failure
+from dicomlib.filters import Target, merge, parse_line
+from dicomlib.uids import InstanceRef
+from storage.objects import read_filter
+from storage.stores import open_store
+from transforms import progress
 from transforms.dead_letter import failure
-from transforms.failures import item_failure
-from transforms.filters import Target, merge, parse_line, read_filter
-from transforms.store import InstanceRef, open_store
 
 
 def merge_study(element: tuple[str, Iterable[Target]]) -> Iterator[Target]:
@@ -92,7 +95,7 @@ class SelectTargets(beam.PTransform):
     merged study by study, or, with neither, every study of the store.
 
     The filter file was checked on the launcher; here it is read again inside the pipeline, by the
-    same reader (transforms/filters.py), so that a file of millions of lines never travels in the
+    same reader (dicomlib/filters.py), so that a file of millions of lines never travels in the
     job's graph and means here what it meant there.
     """
 

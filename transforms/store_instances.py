@@ -17,12 +17,15 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
 
-from transforms import NAMESPACE, progress
+from dicomlib import NAMESPACE
+from dicomlib.failures import item_failure
+from dicomlib.header import read_header
+from dicomlib.uids import InstanceRef
+from storage.objects import MatchedFile, open_ranged
+from storage.store import FAILURE, SUCCESS, Parsed, Written
+from storage.stores import open_store
+from transforms import progress
 from transforms.dead_letter import failure
-from transforms.dicom_header import read_header
-from transforms.failures import item_failure
-from transforms.objects import MatchedFile, open_ranged
-from transforms.store import FAILURE, SUCCESS, InstanceRef, Parsed, Written, open_store
 
 MAX_BATCH_INSTANCES = 100
 MAX_BATCH_BYTES = 32 * 1024 * 1024

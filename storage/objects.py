@@ -39,6 +39,9 @@ from google.api_core import exceptions as gcs_errors
 from google.cloud import storage
 from google.cloud.storage.retry import DEFAULT_RETRY
 
+from dicomlib.failures import SourceReadError
+from dicomlib.filters import Target, filter_targets
+
 GCS_RETRY = DEFAULT_RETRY  # google-cloud-storage's own: 429, 5xx, connection errors; 120 s in all
 IO_ERRORS = (OSError, gcs_errors.GoogleAPIError)  # what reading or writing a file or object may raise
 READ_BUFFER = 64 * 1024  # one ranged request covers the header of most instances
@@ -48,11 +51,6 @@ STALE_AFTER = 24 * 3600  # seconds: a staging file this old is left over, even f
 HOST = socket.gethostname().replace(".", "_")
 SPOOL_ROOT = tempfile.gettempdir()  # its staging directory holds the spools
 _spool_cleaned: list[bool] = []  # whether this process has cleaned SPOOL_ROOT yet
-
-
-class SourceReadError(OSError):
-    """Reading a source file or object failed (not its content): the item's read_error, never a
-    verdict on the file, even when the failure surfaces inside a parser."""
 
 
 class MatchedFile(NamedTuple):
@@ -445,3 +443,8 @@ def delete_tree(uri: str) -> None:
     else:
         with contextlib.suppress(FileNotFoundError):
             os.remove(uri)
+
+
+def read_filter(uri: str) -> Iterator[Target]:
+    """The targets of a local or gs:// filter file, line by line (see filter_targets)."""
+    return filter_targets(read_bytes(uri))

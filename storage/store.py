@@ -1,7 +1,7 @@
 """One small interface over the three kinds of store, chosen from the location string.
 
-- a local directory or `gs://bucket/prefix`: the file-layout store (transforms/file_store.py);
-- `http://...` or `https://...`: any DICOMweb server's service root (transforms/dicomweb.py);
+- a local directory or `gs://bucket/prefix`: the file-layout store (storage/file_store.py);
+- `http://...` or `https://...`: any DICOMweb server's service root (storage/dicomweb.py);
 - `projects/P/locations/L/datasets/D/dicomStores/S`: a Cloud Healthcare API store, through its
   DICOMweb endpoint with Application Default Credentials.
 
@@ -13,33 +13,22 @@ from __future__ import annotations
 import abc
 import contextlib
 import os
-import re
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 from pydicom.dataset import Dataset
 
-from transforms.failures import RunFailed
-from transforms.objects import MatchedFile, copy
+from dicomlib.failures import RunFailed
+from dicomlib.uids import InstanceRef
+from storage.objects import MatchedFile, copy
 
-HEALTHCARE_STORE = re.compile(r"projects/[^/]+/locations/[^/]+/datasets/[^/]+/dicomStores/[^/]+")
 STORAGE_CLASSES = ("STANDARD", "NEARLINE", "COLDLINE", "ARCHIVE")
 SUCCESS, ALREADY_PRESENT, FAILURE = "success", "already_present", "failure"
 
 
 class StoreUnavailable(RunFailed):
     """The store as a whole cannot be used (unreachable, credentials refused, no such store)."""
-
-
-class InstanceRef(NamedTuple):
-    study: str
-    series: str
-    sop: str
-
-    def path(self) -> str:
-        """The DICOMweb path of the instance, also the form of a filter-file line."""
-        return f"/studies/{self.study}/series/{self.series}/instances/{self.sop}"
 
 
 class Parsed(NamedTuple):
@@ -143,38 +132,3 @@ class Store(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - only stores holding connections need it
         """Release connections."""
-
-
-def store_kind(location: str) -> str:
-    """'dicomweb', 'healthcare' or 'files' for a location string."""
-    if location.startswith(("http://", "https://")):
-        return "dicomweb"
-    if location.startswith("projects/"):
-        return "healthcare"
-    return "files"
-
-
-def open_store(
-    location: str,
-    storage_class: str | None = None,
-    verify_stored: bool = False,
-    max_requests_in_flight: int | None = None,
-) -> Store:
-    """The store at `location`; network stores read their credentials here, on the worker.
-
-    `storage_class`, `verify_stored` and `max_requests_in_flight` concern DICOMweb stores (see
-    transforms/dicomweb.py and transforms/healthcare_api.py).
-    """
-    kind = store_kind(location)
-    if kind == "files":
-        from transforms.file_store import FileLayoutStore
-
-        return FileLayoutStore(location)
-    if kind == "healthcare":
-        from transforms.healthcare_api import healthcare_store
-
-        return healthcare_store(location, storage_class, verify_stored, max_requests_in_flight)
-    from transforms import dicomweb
-
-    session = dicomweb.session_from_environment()
-    return dicomweb.DicomWebStore(location, session, storage_class, verify_stored, max_requests_in_flight)

@@ -19,9 +19,7 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from transforms.dicom_header import valid_uid
-from transforms.objects import read_bytes
-from transforms.store import InstanceRef
+from dicomlib.uids import InstanceRef, valid_uid
 
 LINE = re.compile(r"/studies/([^/]*)(?:/series/([^/]*)(?:/instances/([^/]*))?)?")
 # What str.splitlines() breaks lines at, besides "\n" (and the "\r" of "\r\n", removed first).
@@ -90,11 +88,6 @@ def filter_targets(data: bytes) -> Iterator[Target]:
 def parse_filter(data: bytes) -> list[Target]:
     """The merged targets of a filter file's bytes: none inside another, in the file's order."""
     return merge(filter_targets(data))
-
-
-def read_filter(uri: str) -> Iterator[Target]:
-    """The targets of a local or gs:// filter file, line by line (see filter_targets)."""
-    return filter_targets(read_bytes(uri))
 
 
 def merge(targets: Iterable[Target]) -> list[Target]:

@@ -30,20 +30,19 @@ import pyarrow.parquet as pq
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
 
+from dicomlib import NAMESPACE
+from dicomlib.failures import RunFailed
 from schemas.bigquery import (
     EVENT_FIELDS,
     SchemaConflict,
     allowed_schema,
     merge,
-    restrict,
     same_schema,
     to_arrow,
     to_bigquery,
 )
-from transforms import NAMESPACE
-from transforms.failures import RunFailed
-from transforms.flatten import Flat
-from transforms.objects import (
+from schemas.rows import Flat, restrict
+from storage.objects import (
     Lister,
     MatchedFile,
     clean_staging,
@@ -100,31 +99,6 @@ class Destination(NamedTuple):
         """(project, dataset, table) of a BigQuery destination; the project may be domain:name."""
         project, dataset, table = BIGQUERY_TABLE.fullmatch(self.location).groups()  # checked with the options
         return project, dataset, table
-
-
-def with_event(
-    flat: Flat,
-    event: str,
-    when: datetime.datetime,
-    storage_class: str | None = None,
-    size: int | None = None,
-) -> Flat:
-    """A row stamped with its event: Type CREATE or DELETE, LastUpdated (UTC), and what the store
-    knows of the instance (StorageClass, BlobStorageSize)."""
-    row = dict(flat.row, Type=event, LastUpdated=when)
-    if storage_class is not None:
-        row["StorageClass"] = storage_class
-    if size is not None:
-        row["BlobStorageSize"] = size
-    return Flat(row=row, schema=merge(EVENT_FIELDS, flat.schema))
-
-
-def delete_row(study: str, series: str, sop: str, when: datetime.datetime) -> Flat:
-    """The row a deletion writes: the instance's UIDs, Type DELETE and when."""
-    uid_field = {"type": "STRING", "mode": "NULLABLE"}
-    row = {"StudyInstanceUID": study, "SeriesInstanceUID": series, "SOPInstanceUID": sop}
-    schema = [{"name": name, **uid_field} for name in row]
-    return with_event(Flat(row=row, schema=schema), "DELETE", when)
 
 
 class WriteMetadata(beam.PTransform):

@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from typing import BinaryIO
 
-from transforms.objects import MatchedFile, open_ranged
+from storage.objects import MatchedFile, open_ranged
 
 CHUNK = 1024 * 1024
 SOURCE_BUFFER = 8 * 1024 * 1024  # reads of a source in GCS: few, large ranged requests

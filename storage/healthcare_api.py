@@ -22,14 +22,15 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from transforms.dicomweb import (
+from dicomlib.uids import InstanceRef
+from storage.dicomweb import (
     LOGGER,
     DicomWebStore,
     RequestFailed,
     first_value,
     with_retries,
 )
-from transforms.store import FAILURE, SUCCESS, BlobInfo, InstanceRef, Parsed, StoreUnavailable, Written
+from storage.store import FAILURE, SUCCESS, BlobInfo, Parsed, StoreUnavailable, Written
 
 HEALTHCARE_API = "https://healthcare.googleapis.com/v1"  # HEALTHCARE_API_ROOT overrides it (v1beta1, tests)
 CLOUD_PLATFORM = "https://www.googleapis.com/auth/cloud-platform"

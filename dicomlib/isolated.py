@@ -19,7 +19,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
-from transforms.failures import ItemFailed, item_failure
+from dicomlib.failures import ItemFailed, item_failure
 
 
 class Isolated:

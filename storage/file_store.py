@@ -21,9 +21,10 @@ from typing import Any
 from google.api_core import exceptions as google_errors
 from pydicom.dataset import Dataset
 
-from transforms.dicom_header import read_header
-from transforms.failures import describe
-from transforms.objects import (
+from dicomlib.failures import describe
+from dicomlib.header import read_header
+from dicomlib.uids import InstanceRef
+from storage.objects import (
     IO_ERRORS,
     Lister,
     MatchedFile,
@@ -42,16 +43,7 @@ from transforms.objects import (
     spool_file,
     write_bytes,
 )
-from transforms.store import (
-    ALREADY_PRESENT,
-    FAILURE,
-    SUCCESS,
-    BlobInfo,
-    InstanceRef,
-    Parsed,
-    Store,
-    Written,
-)
+from storage.store import ALREADY_PRESENT, FAILURE, SUCCESS, BlobInfo, Parsed, Store, Written
 
 INSTANCE_PATH = re.compile(r"studies/([0-9.]+)/series/([0-9.]+)/instances/([0-9.]+)\.dcm")
 

@@ -34,8 +34,9 @@ import apache_beam as beam
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
 
+from dicomlib import NAMESPACE
 from pipelines.options import HelpRequested, OptionError, RunOptions, SharedOptions, is_local
-from transforms import NAMESPACE, progress
+from transforms import progress
 
 LOGGER = logging.getLogger(NAMESPACE)
 Summarize = Callable[[dict[str, int]], tuple[dict[str, Any], bool]]

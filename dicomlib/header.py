@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import re
 import struct
 import warnings
 import zlib
@@ -31,11 +30,10 @@ from pydicom.dataset import Dataset, FileDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_dataset
 
-from transforms.failures import ItemFailed, describe
-from transforms.objects import SourceReadError
+from dicomlib.failures import ItemFailed, SourceReadError, describe
+from dicomlib.uids import valid_uid
 
 logging.getLogger("pydicom").setLevel(logging.ERROR)  # its warnings repeat the ones ignored below
-UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
 LONG_LENGTH_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR",
                    b"UT", b"UV"}  # fmt: skip
 UNDEFINED = 0xFFFFFFFF
@@ -232,11 +230,6 @@ def data_set_start(stream: BinaryIO) -> int:
             position += 12 + struct.unpack("<L", head[8:12])[0]
         else:
             position += 8 + struct.unpack("<H", head[6:8])[0]
-
-
-def valid_uid(value: str) -> bool:
-    """1 to 64 digits and dots, no empty component: safe as a path segment ('..' is not)."""
-    return len(value) <= 64 and UID_RE.fullmatch(value) is not None
 
 
 def _uid(dataset: Dataset, keyword: str) -> str:

@@ -72,7 +72,6 @@ with its validation, is the fallback: SQ, ambiguous or implicit private VRs, ISO
 from __future__ import annotations
 
 import datetime
-import logging
 import struct
 import warnings
 from collections.abc import Collection
@@ -95,8 +94,7 @@ from schemas.bigquery import (
     field,
     merge,
 )
-
-DICOM_STREAM = logging.getLogger("dicom_stream")
+from schemas.rows import Flat
 
 MAX_VALUE_BYTES = 1_000_000
 MAX_SEQUENCE_DEPTH = 13  # sequences nested in at most 12 others: RECORD levels 1..13, PN 14..15
@@ -155,12 +153,6 @@ _DEFAULT_ENCODINGS = ("iso8859",)
 
 # kinds of tags
 _PUBLIC, _GROUP_REPEATER, _OTHER = 0, 1, 2
-
-
-@dataclass(frozen=True)
-class Flat:
-    row: dict[str, Any]
-    schema: list[dict]
 
 
 @dataclass(frozen=True, slots=True)

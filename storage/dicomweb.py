@@ -37,21 +37,13 @@ from google.auth.exceptions import GoogleAuthError
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
-from transforms import NAMESPACE
-from transforms.dicom_header import data_set_digest
-from transforms.failures import describe
-from transforms.multipart import CHUNK, SOURCE_BUFFER, MultipartBody, SourceUnreadable, save_single_part
-from transforms.objects import MatchedFile, open_ranged, spool_file
-from transforms.store import (
-    ALREADY_PRESENT,
-    FAILURE,
-    SUCCESS,
-    InstanceRef,
-    Parsed,
-    Store,
-    StoreUnavailable,
-    Written,
-)
+from dicomlib import NAMESPACE
+from dicomlib.failures import describe
+from dicomlib.header import data_set_digest
+from dicomlib.uids import InstanceRef
+from storage.multipart import CHUNK, SOURCE_BUFFER, MultipartBody, SourceUnreadable, save_single_part
+from storage.objects import MatchedFile, open_ranged, spool_file
+from storage.store import ALREADY_PRESENT, FAILURE, SUCCESS, Parsed, Store, StoreUnavailable, Written
 
 LOGGER = logging.getLogger(NAMESPACE)
 RETRYABLE_STATUSES = (408, 500, 502, 503, 504)  # urllib3 retries these; 429 is retried in _request

@@ -11,7 +11,6 @@ rather than a failed run; an instance without pixels is "no_pixel_data".
 
 from __future__ import annotations
 
-import contextlib
 import io
 import itertools
 import struct
@@ -51,9 +50,8 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from transforms.dicom_header import check_inflated_size
-from transforms.failures import ItemFailed, describe, item_failure
-from transforms.objects import IO_ERRORS, copy, delete_tree, spool_file, write_bytes
+from dicomlib.failures import ItemFailed, describe, item_failure
+from dicomlib.header import check_inflated_size
 
 FILE_TYPES = {"dicom": "dcm", "octet-stream": "bin", "jpeg": "jpg", "png": "png"}
 TRANSFER_SYNTAXES: dict[str, str] = {
@@ -71,53 +69,6 @@ PIXEL_DATA = 0x7FE00010
 WORD_SIZES = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}  # values byte-swapped between endiannesses
 MAX_INFLATED = 128 * 1024 * 1024  # a deflated instance inflating to more is too_large to convert
 ITEM, SEQUENCE_DELIMITER = (0xFFFE, 0xE000), (0xFFFE, 0xE0DD)
-
-
-def convert_file(local: str, stem: str, file_type: str, transfer_syntax: str | None, root: str) -> list[str]:
-    """Write what the instance in the local file `local` becomes, as `{stem}.{extension}` under
-    `root` (an export's output): transcoded DICOM, or one file per frame, `{stem}.{ext}` for one
-    frame and `{stem}_{frame:04d}.{ext}` (counted from 1) for several. The names written, or
-    ItemFailed with none of them left behind: an instance is exported whole or not at all."""
-    written: list[str] = []
-    try:
-        ds = read_instance(local)
-        if file_type == "dicom":
-            _write_dicom(ds, local, f"{stem}.dcm", transfer_syntax or "", root)
-            written.append(f"{stem}.dcm")
-            return written
-        parts = frames(ds) if file_type == "octet-stream" else render(ds, file_type)
-        extension, several = FILE_TYPES[file_type], frame_count(ds) > 1
-        for number, part in enumerate(parts, start=1):
-            name = f"{stem}_{number:04d}.{extension}" if several else f"{stem}.{extension}"
-            with _failing_as_write_error():
-                write_bytes(name, part, root=root)
-            written.append(name)
-        return written
-    except BaseException:
-        for name in written:
-            with contextlib.suppress(*IO_ERRORS):
-                delete_tree(name)
-        raise
-
-
-def _write_dicom(ds: Dataset, local: str, name: str, transfer_syntax: str, root: str) -> None:
-    """`local` as `name`, transcoded unless it is in `transfer_syntax` already."""
-    with spool_file() as transcoded:
-        source = local
-        if ds.file_meta.get("TransferSyntaxUID") != transfer_syntax:
-            source = transcoded
-            with open(source, "wb") as out:
-                transcode(ds, transfer_syntax, out)
-        with _failing_as_write_error():
-            copy(source, name, root=root)
-
-
-@contextmanager
-def _failing_as_write_error() -> Iterator[None]:
-    try:
-        yield
-    except IO_ERRORS as error:
-        raise ItemFailed("write_error", describe(error)) from error
 
 
 def read_instance(source: str | BinaryIO) -> Dataset:

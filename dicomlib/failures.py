@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from transforms import NAMESPACE
+from dicomlib import NAMESPACE
 
 LOGGER = logging.getLogger(NAMESPACE)
 INTERRUPTS = (KeyboardInterrupt, SystemExit, GeneratorExit)
@@ -57,3 +57,8 @@ def item_failure(error: BaseException, reason: str) -> ItemFailed:
         return error
     LOGGER.debug("item failed with %s", type(error).__name__, exc_info=error)
     return ItemFailed(reason, describe(error))
+
+
+class SourceReadError(OSError):
+    """Reading a source file or object failed (not its content): the item's read_error, never a
+    verdict on the file, even when the failure surfaces inside a parser."""
