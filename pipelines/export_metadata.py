@@ -28,7 +28,7 @@ from pipelines.options import (
 )
 from pipelines.run import execute, failure_reasons, run_name
 from transforms.dead_letter import DEAD_LETTER, WriteDeadLetters
-from transforms.metadata_rows import StoreRows
+from transforms.metadata_rows import RowsFromStore
 from transforms.progress import count_failures
 from transforms.select import ListInstances, SelectTargets
 from transforms.write_metadata import WRITE_DISPOSITIONS, WriteMetadata
@@ -93,7 +93,7 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions) -> None:
         selected.instances
         | "SpreadInstances" >> beam.Reshuffle()
         | "Rows"
-        >> beam.ParDo(StoreRows(shared.store, shared.exclude_vr)).with_outputs(DEAD_LETTER, main="rows")
+        >> beam.ParDo(RowsFromStore(shared.store, shared.exclude_vr)).with_outputs(DEAD_LETTER, main="rows")
     )
     name = run_name("export_metadata")
     _ = rows.rows | "Write" >> WriteMetadata(

@@ -35,7 +35,7 @@ from storage.store import ALREADY_PRESENT, STORAGE_CLASSES, SUCCESS
 from storage.stores import store_kind
 from transforms.dead_letter import DEAD_LETTER, WriteDeadLetters
 from transforms.expand import ExpandPatterns
-from transforms.metadata_rows import StoredRows, WithoutCurrentRow
+from transforms.metadata_rows import RowsOfImported, WithoutCurrentRow
 from transforms.progress import Count, count_failures
 from transforms.store_instances import ParseInstances, WriteInstances
 from transforms.write_metadata import WriteMetadata
@@ -177,7 +177,7 @@ def _write_rows(
     """One CREATE row per newly stored instance, as the Healthcare API's streaming does, to every
     destination; and, to each destination, rows for the already-present instances it has no
     current row for (a run stopped between storing and writing rows): the dead letters."""
-    rows_of = StoredRows(shared.store, shared.exclude_vr, mine.storage_class, mine.max_requests_in_flight)
+    rows_of = RowsOfImported(shared.store, shared.exclude_vr, mine.storage_class, mine.max_requests_in_flight)
     new = (
         stored
         | "NewlyStored" >> beam.Filter(lambda record: record["outcome"] == SUCCESS)

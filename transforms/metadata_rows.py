@@ -26,7 +26,7 @@ def now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
-class StoreRows(beam.DoFn):
+class RowsFromStore(beam.DoFn):
     """InstanceRef -> a CREATE row of the instance as the store holds it (export_metadata).
 
     A file-layout store's instances are parsed from their headers; a DICOMweb store's come from
@@ -78,7 +78,7 @@ class WithoutCurrentRow(beam.DoFn):
                 yield record
 
 
-class StoredRows(beam.DoFn):
+class RowsOfImported(beam.DoFn):
     """A record of a stored instance (import) -> its CREATE row, from the imported file's header
     (the file is the instance, byte for byte), with the stored object's size and storage class as
     the store reports them, else the file's size and the `--storage_class` given. A row that
