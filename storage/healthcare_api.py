@@ -22,14 +22,10 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from dicomlib.dicom_json import first_value
 from dicomlib.uids import InstanceRef
-from storage.dicomweb import (
-    LOGGER,
-    DicomWebStore,
-    RequestFailed,
-    first_value,
-    with_retries,
-)
+from storage.dicomweb import LOGGER, DicomWebStore
+from storage.dicomweb_client import RequestFailed, with_retries
 from storage.store import FAILURE, SUCCESS, BlobInfo, Parsed, StoreUnavailable, Written
 
 HEALTHCARE_API = "https://healthcare.googleapis.com/v1"  # HEALTHCARE_API_ROOT overrides it (v1beta1, tests)
@@ -76,7 +72,7 @@ class HealthcareStore(DicomWebStore):
 
     def blob_info(self, ref: InstanceRef) -> BlobInfo:
         """The stored object's size and storage class, from getStorageInfo."""
-        info = self._document("GET", f"{ref.path()}:getStorageInfo").get("blobStorageInfo", {})
+        info = self.http.document("GET", f"{ref.path()}:getStorageInfo").get("blobStorageInfo", {})
         size = info.get("sizeBytes")
         return BlobInfo(int(size) if size is not None else None, info.get("storageClass") or None)
 
@@ -106,7 +102,7 @@ class HealthcareStore(DicomWebStore):
                 results[index] = self._unsettled(results[index], error)
         for index, operation in operations.items():
             try:
-                self._wait_for(operation)
+                self.http.wait_for(operation)
             except OSError as error:
                 results[index] = self._unsettled(results[index], error)
         return results
@@ -114,7 +110,7 @@ class HealthcareStore(DicomWebStore):
     def _set_storage_class(self, ref: InstanceRef) -> str:
         """Ask for the instance's storage class to be changed; the operation's name."""
         settings = {"blobStorageSettings": {"blobStorageClass": self.storage_class}}
-        operation = self._document("POST", f"{ref.path()}:setBlobStorageSettings", json=settings)
+        operation = self.http.document("POST", f"{ref.path()}:setBlobStorageSettings", json=settings)
         if not operation.get("name"):
             raise RequestFailed(f"{self.root}{ref.path()}:setBlobStorageSettings: no operation in the answer")
         return operation["name"]

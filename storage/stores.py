@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 
-from storage.dicomweb import DicomWebStore, session_from_environment
+from storage.dicomweb import DicomWebStore
+from storage.dicomweb_client import session_from_environment
 from storage.file_store import FileLayoutStore
 from storage.healthcare_api import healthcare_store
 from storage.store import Store

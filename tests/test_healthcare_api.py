@@ -16,9 +16,9 @@ import pydicom
 import pytest
 import requests
 
+from dicomlib.stow_response import Failed, stow_answer
 from dicomlib.uids import InstanceRef
-from storage import dicomweb, healthcare_api
-from storage.dicomweb import Failed, stow_answer
+from storage import dicomweb_client, healthcare_api
 from storage.healthcare_api import ListingTooLarge
 from storage.store import BlobInfo
 from storage.stores import open_store
@@ -82,8 +82,8 @@ def versioned(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytes
 @pytest.fixture
 def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     """Retries as the store makes them, with backoff short enough for a test."""
-    monkeypatch.setattr(dicomweb, "THROTTLE_BACKOFF", 0.01)
-    monkeypatch.setattr(dicomweb, "BACKOFF", 0.01)
+    monkeypatch.setattr(dicomweb_client, "THROTTLE_BACKOFF", 0.01)
+    monkeypatch.setattr(dicomweb_client, "BACKOFF", 0.01)
 
 
 # The stand-in itself
@@ -104,9 +104,9 @@ def test_the_stand_in_answers_as_the_api_is_documented(healthcare: HealthcareApi
 
     first, again, other = stow(original), stow(original), stow(changed)
     assert (first.status_code, again.status_code, other.status_code) == (200, 200, 409)
-    assert stow_answer(again) == ({sop}, {})
+    assert stow_answer(again.content) == ({sop}, {})
     detail = f"an instance with SOPInstanceUID {sop} already exists with different content"
-    assert stow_answer(other) == (set(), {sop: Failed(0x0110, detail)})
+    assert stow_answer(other.content) == (set(), {sop: Failed(0x0110, detail)})
     assert len(qido(f"SOPInstanceUID={sop}").json()) == 1
     assert qido(f"SOPInstanceUID={sop},1.2.3").json() == []  # a list is one literal value
     repeated = qido(f"SOPInstanceUID={sop}&SOPInstanceUID=1.2.3")
@@ -117,7 +117,7 @@ def test_the_stand_in_answers_as_the_api_is_documented(healthcare: HealthcareApi
     throttled = qido("")
     assert (throttled.status_code, throttled.headers["Retry-After"]) == (429, "7")
     assert throttled.json()["error"]["status"] == "RESOURCE_EXHAUSTED"
-    assert stow_answer(throttled) is None  # an error body is no STOW-RS answer
+    assert stow_answer(throttled.content) is None  # an error body is no STOW-RS answer
 
 
 def test_the_apis_xml_failure_answer_is_read_with_its_failure_detail() -> None:
@@ -134,7 +134,7 @@ def test_the_apis_xml_failure_answer_is_read_with_its_failure_detail() -> None:
         b"</DicomAttribute></NativeDicomModel>"
     )
 
-    assert stow_answer(answer) == (set(), {"1.2.3.4": Failed(0x0110, "already exists")})
+    assert stow_answer(answer.content) == (set(), {"1.2.3.4": Failed(0x0110, "already exists")})
 
 
 # Importing
@@ -255,8 +255,8 @@ def test_a_storm_that_outlasts_the_retries_leaves_write_errors_to_retry_never_re
     quick_retries: None,
     status: int,
 ) -> None:
-    monkeypatch.setattr(dicomweb, "THROTTLE_ATTEMPTS", 2)
-    monkeypatch.setattr(dicomweb, "STATUS_RETRIES", 2)
+    monkeypatch.setattr(dicomweb_client, "THROTTLE_ATTEMPTS", 2)
+    monkeypatch.setattr(dicomweb_client, "STATUS_RETRIES", 2)
     healthcare.fail_next(1000, status, method="POST")
 
     run = run_import(f"--input={SAMPLE}/**.dcm", f"--store={STORE}", dead_letter=tmp_path / "a")
@@ -391,7 +391,7 @@ def test_deleting_a_study_polls_its_operation_through_retries_and_a_token_refres
 def test_an_operation_that_never_finishes_fails_its_targets_at_the_deadline(
     healthcare: HealthcareApi, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(dicomweb, "OPERATION_DEADLINE", 1.0)
+    monkeypatch.setattr(dicomweb_client, "OPERATION_DEADLINE", 1.0)
     healthcare.polls_until_done = None
     doomed = healthcare.add(CT.read_bytes())
 

@@ -12,8 +12,8 @@ import pytest
 import requests
 
 from dicomlib.header import data_set_digest, read_header
+from dicomlib.stow_response import parse_stow_response
 from dicomlib.uids import InstanceRef
-from storage.dicomweb import parse_stow_response
 from storage.multipart import MultipartBody
 from storage.objects import MatchedFile, open_ranged
 from storage.store import ALREADY_PRESENT, FAILURE, SUCCESS, Parsed, Store, StoreUnavailable
@@ -208,4 +208,4 @@ def test_orthanc_answers_stow_rs_in_xml_as_well_as_json(orthanc: Orthanc, tmp_pa
             auth=orthanc.auth,
             timeout=30,
         )
-        assert parse_stow_response(response) == ({sop}, {}), accept
+        assert parse_stow_response(response.content) == ({sop}, {}), accept
