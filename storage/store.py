@@ -13,7 +13,6 @@ from __future__ import annotations
 import abc
 import contextlib
 import os
-import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -84,11 +83,9 @@ class Store(abc.ABC):
 
     def dataset(self, ref: InstanceRef) -> Dataset:
         """The instance's attributes as a pydicom Dataset without Pixel Data, for flattening; odd
-        values are kept as they are (flattening reports them), so pydicom's warnings are silenced."""
+        values are kept as they are (flattening reports them; dicomlib silences pydicom's warnings)."""
         metadata = self.metadata(ref)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return Dataset.from_json(metadata, bulk_data_uri_handler=lambda *_: b"")
+        return Dataset.from_json(metadata, bulk_data_uri_handler=lambda *_: b"")
 
     def copy_instance(self, ref: InstanceRef, destination: str, root: str) -> int:
         """Write the instance, unchanged, to a local or gs:// file under `root` (an export's

@@ -42,7 +42,10 @@ from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 
-from dicomlib.flatten import MAX_SEQUENCE_DEPTH, MAX_VALUE_BYTES, OTHER_ELEMENTS_FIELD, flatten
+from dicomlib.flatten import flatten
+from dicomlib.flatten.columns import OTHER_ELEMENTS_FIELD
+from dicomlib.flatten.elements import MAX_VALUE_BYTES
+from dicomlib.flatten.walk import MAX_SEQUENCE_DEPTH
 from schemas.bigquery import DROPPED_TAGS_FIELD, column_count, nesting_depth, to_arrow
 from schemas.rows import Flat, restrict
 
