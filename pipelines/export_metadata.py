@@ -27,11 +27,12 @@ from pipelines.options import (
     parse_options,
 )
 from pipelines.run import execute, failure_reasons, run_name
+from storage.destination import WRITE_DISPOSITIONS
 from transforms.dead_letter import DEAD_LETTER, WriteDeadLetters
 from transforms.metadata_rows import RowsFromStore
 from transforms.progress import count_failures
 from transforms.select import ListInstances, SelectTargets
-from transforms.write_metadata import WRITE_DISPOSITIONS, WriteMetadata
+from transforms.write_metadata import WriteMetadata
 
 
 class ExportMetadataOptions(PipelineOptions):

@@ -23,9 +23,9 @@ from typing import Any, NoReturn
 from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions, StandardOptions
 
 from dicomlib.filters import FilterError
+from storage.destination import BIGQUERY_TABLE, MAX_DESTINATIONS
 from storage.objects import is_gcs, read_filter, split_gcs
 from storage.stores import HEALTHCARE_STORE, store_kind
-from transforms.write_metadata import BIGQUERY_TABLE, MAX_DESTINATIONS
 
 LOCAL_RUNNERS = {None, "DirectRunner", "direct", "directrunner"}
 KNOWN_VRS = frozenset(

@@ -24,12 +24,13 @@ from apache_beam.io.gcp import bigquery_file_loads
 from google.cloud import bigquery, storage
 
 from pipelines import export_metadata
+from storage.destination import UIDS
+from storage.parquet_table import PARQUET_VIEW
 from tests.bigquery_emulator import running_bigquery
 from tests.conftest import Run, run_import, run_pipeline
 from tests.gcs_emulator import running_emulator
 from tests.orthanc_server import Orthanc
 from tests.test_metadata import view as parquet_view
-from transforms.write_metadata import PARQUET_VIEW, UIDS
 
 PROJECT = "dicom-etl-test"
 TEMP = "gs://beam-temp/tmp"

@@ -15,10 +15,10 @@ import pydicom
 import pytest
 
 from storage.file_store import FileLayoutStore
+from storage.parquet_table import PARQUET_VIEW
 from tests.conftest import Run, run_export, run_import, run_pipeline
 from tests.orthanc_server import Orthanc
 from tests.test_export import a_filter, exported
-from transforms.write_metadata import PARQUET_VIEW
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample"
 CT = SAMPLE / "ct" / "CT_small.dcm"

@@ -17,9 +17,9 @@ from dicomlib.uids import InstanceRef
 from schemas.rows import Flat, with_event
 from storage.objects import MatchedFile, open_ranged
 from storage.stores import open_store
+from storage.tables import current_keys
 from transforms import progress
 from transforms.dead_letter import failure
-from transforms.write_metadata import current_keys
 
 
 def now() -> datetime.datetime:
