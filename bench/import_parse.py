@@ -30,10 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dicomlib.failures import ItemFailed  # noqa: E402
 from dicomlib.header import read_header  # noqa: E402
 from dicomlib.wildcard import parse_pattern  # noqa: E402
-from storage.objects import Lister, MatchedFile, open_ranged  # noqa: E402
+from storage.listing import Lister, expand
+from storage.objects import MatchedFile, open_ranged
 from tests.conftest import corpus_roots  # noqa: E402
 from tests.gcs_emulator import running_emulator, upload_tree  # noqa: E402
-from transforms.expand import expand  # noqa: E402
 
 LARGE = 2_000_000  # "multi-MB": the files whose pixel data dominates
 

@@ -85,11 +85,6 @@ def filter_targets(data: bytes) -> Iterator[Target]:
         yield parse_line(text, number)
 
 
-def parse_filter(data: bytes) -> list[Target]:
-    """The merged targets of a filter file's bytes: none inside another, in the file's order."""
-    return merge(filter_targets(data))
-
-
 def merge(targets: Iterable[Target]) -> list[Target]:
     """Drop duplicates and targets inside a wider one, so each instance is selected once."""
     unique = list(dict.fromkeys(targets))

@@ -17,7 +17,7 @@ Rules (CONTRACT.md, "Metadata table"):
   top-level column at a time, skipping those that would pass the limit, and ``restrict`` cuts a row
   to a schema, naming each cut attribute in DroppedTags with the reason ``column_limit``, or, when
   the table has no DroppedTags column, logging it as a warning on the logger ``dicom_stream``;
-- BigQuery nests RECORDs at most 15 levels deep (``nesting_depth``; a top-level RECORD is level 1).
+- BigQuery nests RECORDs at most 15 levels deep (a top-level RECORD is level 1).
 """
 
 from __future__ import annotations
@@ -142,15 +142,6 @@ def column_count(schema: list[dict]) -> int:
         if sub:
             total += column_count(sub)
     return total
-
-
-def nesting_depth(schema: list[dict]) -> int:
-    """Levels of nested RECORDs: 0 with none, 1 for a top-level RECORD of leaves, and so on."""
-    depth = 0
-    for f in schema:
-        if field_type(f) == RECORD:
-            depth = max(depth, 1 + nesting_depth(f.get("fields", [])))
-    return depth
 
 
 def _priority(candidate: list[dict]) -> list[dict]:

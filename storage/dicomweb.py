@@ -39,7 +39,8 @@ from storage.dicomweb_client import (
     status_detail,
 )
 from storage.multipart import SOURCE_BUFFER, MultipartBody, SourceUnreadable
-from storage.objects import MatchedFile, open_ranged, spool_file
+from storage.objects import MatchedFile, open_ranged
+from storage.staging import spool_file
 from storage.store import ALREADY_PRESENT, FAILURE, SUCCESS, Parsed, Store, StoreUnavailable, Written
 
 LOGGER = logging.getLogger(NAMESPACE)

@@ -11,7 +11,8 @@ from pydicom.dataset import Dataset
 
 from dicomlib.convert import FILE_TYPES, frame_count, frames, read_instance, render, transcode
 from dicomlib.failures import ItemFailed, describe
-from storage.objects import IO_ERRORS, copy, delete_tree, spool_file, write_bytes
+from storage.objects import IO_ERRORS, copy, delete_tree, write_bytes
+from storage.staging import spool_file
 
 
 def convert_file(local: str, stem: str, file_type: str, transfer_syntax: str | None, root: str) -> list[str]:

@@ -24,11 +24,10 @@ from pydicom.dataset import Dataset
 from dicomlib.failures import describe
 from dicomlib.header import read_header
 from dicomlib.uids import InstanceRef
+from storage.listing import lister_for
 from storage.objects import (
     IO_ERRORS,
-    Lister,
     MatchedFile,
-    clean_staging,
     copy,
     delete_tree,
     download,
@@ -40,9 +39,9 @@ from storage.objects import (
     read_bytes,
     size_of,
     split_gcs,
-    spool_file,
     write_bytes,
 )
+from storage.staging import clean_staging, spool_file
 from storage.store import ALREADY_PRESENT, FAILURE, SUCCESS, BlobInfo, Parsed, Store, Written
 
 INSTANCE_PATH = re.compile(r"studies/([0-9.]+)/series/([0-9.]+)/instances/([0-9.]+)\.dcm")
@@ -121,7 +120,7 @@ class FileLayoutStore(Store):
         return join(self.root, "index", "sop", shard, sop)
 
     def studies(self) -> Iterator[str]:
-        lister, prefix = self._lister(join(self.root, "studies") + "/")
+        lister, prefix = lister_for(join(self.root, "studies") + "/")
         _, directories = lister.children(prefix)
         self.listed += lister.listed
         for directory in directories:
@@ -129,7 +128,7 @@ class FileLayoutStore(Store):
 
     def instances(self, study: str, series: str | None = None) -> Iterator[InstanceRef]:
         parts = ["studies", study] + (["series", series] if series else [])
-        lister, prefix = self._lister(join(self.root, *parts) + "/")
+        lister, prefix = lister_for(join(self.root, *parts) + "/")
         for file in lister.descendants(prefix):
             self.listed += 1
             match = INSTANCE_PATH.search(file.uri)
@@ -208,11 +207,3 @@ class FileLayoutStore(Store):
                     delete_tree(index)
         if sop is None:
             delete_tree(join(self.root, "studies", study, *(["series", series] if series else [])))
-
-    @staticmethod
-    def _lister(prefix_uri: str) -> tuple[Lister, str]:
-        """A Lister for the bucket (or local disk) and the name prefix inside it."""
-        if is_gcs(prefix_uri):
-            bucket, name = split_gcs(prefix_uri)
-            return Lister(bucket), name
-        return Lister(None), prefix_uri

@@ -22,15 +22,10 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import errno
 import functools
 import io
 import os
 import shutil
-import socket
-import tempfile
-import time
-import uuid
 from collections.abc import Callable, Iterator
 from typing import BinaryIO, NamedTuple
 
@@ -41,16 +36,12 @@ from google.cloud.storage.retry import DEFAULT_RETRY
 
 from dicomlib.failures import SourceReadError
 from dicomlib.filters import Target, filter_targets
+from storage.staging import place
 
 GCS_RETRY = DEFAULT_RETRY  # google-cloud-storage's own: 429, 5xx, connection errors; 120 s in all
 IO_ERRORS = (OSError, gcs_errors.GoogleAPIError)  # what reading or writing a file or object may raise
 READ_BUFFER = 64 * 1024  # one ranged request covers the header of most instances
 READ_WHOLE_BELOW = 256 * 1024  # smaller files are read in one request: round trips cost more than bytes
-STAGING = ".dicom-etl-tmp"
-STALE_AFTER = 24 * 3600  # seconds: a staging file this old is left over, even from another host
-HOST = socket.gethostname().replace(".", "_")
-SPOOL_ROOT = tempfile.gettempdir()  # its staging directory holds the spools
-_spool_cleaned: list[bool] = []  # whether this process has cleaned SPOOL_ROOT yet
 
 
 class MatchedFile(NamedTuple):
@@ -83,78 +74,6 @@ def gcs_client() -> storage.Client:
 def _blob(uri: str) -> storage.Blob:
     bucket, name = split_gcs(uri)
     return gcs_client().bucket(bucket).blob(name)
-
-
-class Lister:
-    """Lists one directory level or one whole subtree under a name prefix, counting what it lists."""
-
-    def __init__(self, bucket: str | None) -> None:
-        self.bucket = bucket
-        self.listed = 0
-
-    def uri(self, name: str) -> str:
-        return name if self.bucket is None else f"gs://{self.bucket}/{name}"
-
-    def children(self, prefix: str) -> tuple[list[MatchedFile], list[str]]:
-        """Files and sub-directory prefixes (ending in `/`) directly under `prefix`."""
-        if self.bucket is not None:
-            pages = gcs_client().list_blobs(self.bucket, prefix=prefix, delimiter="/")
-            files = [MatchedFile(b.name, b.size) for b in pages if not b.name.endswith("/")]
-            dirs = sorted(pages.prefixes)
-        else:
-            files, dirs = [], []
-            for path, entry in _scan(prefix):
-                if entry.is_dir():
-                    dirs.append(path + "/")
-                elif entry.is_file():
-                    files.append(MatchedFile(path, entry.stat().st_size))
-        self.listed += len(files) + len(dirs)
-        return files, dirs
-
-    def descendants(self, prefix: str, glob: str | None = None) -> Iterator[MatchedFile]:
-        """Every file whose name starts with `prefix`, at any depth.
-
-        `glob` narrows a GCS listing on the server; callers still filter, because emulators (and
-        any server that ignores it) return everything under the prefix.
-        """
-        if self.bucket is not None:
-            for blob in gcs_client().list_blobs(self.bucket, prefix=prefix, match_glob=glob):
-                self.listed += 1
-                if not blob.name.endswith("/"):
-                    yield MatchedFile(blob.name, blob.size)
-            return
-        for path, entry in _scan(prefix):
-            self.listed += 1
-            if entry.is_file():
-                yield MatchedFile(path, entry.stat().st_size)
-            elif entry.is_dir():
-                for top, dirs, names in os.walk(path):
-                    dirs.sort()
-                    for name in sorted(names):
-                        self.listed += 1
-                        path = os.path.join(top, name)
-                        if os.path.isfile(path):
-                            yield MatchedFile(path, os.path.getsize(path))
-
-    def file(self, name: str) -> MatchedFile | None:
-        """The file with exactly this name, if there is one."""
-        if self.bucket is not None:
-            blob = gcs_client().bucket(self.bucket).get_blob(name)
-            found = blob is not None and not name.endswith("/")
-            return MatchedFile(name, blob.size) if found else None
-        return MatchedFile(name, os.path.getsize(name)) if os.path.isfile(name) else None
-
-
-def _scan(prefix: str) -> list[tuple[str, os.DirEntry[str]]]:
-    """(path, entry) for entries of the directory part of `prefix` whose names start with the rest."""
-    directory, slash, start = prefix.rpartition("/")
-    head = directory + slash
-    try:
-        with os.scandir(head or ".") as entries:
-            found = [(head + e.name, e) for e in entries if e.name.startswith(start)]
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    return sorted(found)
 
 
 class RangedFile(io.RawIOBase):
@@ -270,7 +189,7 @@ def copy(source: str, destination: str, *, root: str, create_only: bool = False)
             with open(source, "rb") as original:
                 shutil.copyfileobj(original, handle, 1 << 20)
 
-    return _place(fill, destination, root, create_only)
+    return place(fill, destination, root, create_only)
 
 
 def write_bytes(uri: str, data: bytes, *, root: str, create_only: bool = False) -> bool:
@@ -285,104 +204,7 @@ def write_bytes(uri: str, data: bytes, *, root: str, create_only: bool = False) 
         except gcs_errors.PreconditionFailed:
             return False
         return True
-    return _place(lambda handle: handle.write(data), uri, root, create_only)
-
-
-def _place(
-    fill: Callable[[io.BufferedWriter], object], destination: str, root: str, create_only: bool
-) -> bool:
-    """Write a staging file under `root` with `fill`, then move it to `destination`."""
-    os.makedirs(os.path.dirname(destination), exist_ok=True)
-    staged = _staging_file(root)
-    try:
-        with open(staged, "wb") as handle:
-            fill(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        (os.link if create_only else os.replace)(staged, destination)
-        return True
-    except FileExistsError:
-        return False
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(staged)
-
-
-def _staging_file(root: str) -> str:
-    """A new, empty staging file under `root`, created with the modes the umask gives (0644 under
-    umask 022); its name says which host and process own it."""
-    directory = os.path.join(root, STAGING)
-    path = os.path.join(directory, f"{HOST}.{os.getpid()}.{uuid.uuid4().hex}")
-    for attempt in range(3):  # a concurrent clean_staging may remove the empty directory between
-        os.makedirs(directory, exist_ok=True)
-        try:
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            return path
-        except FileNotFoundError:
-            if attempt == 2:
-                raise
-    raise AssertionError("unreachable")
-
-
-@contextlib.contextmanager
-def spool_file() -> Iterator[str]:
-    """A path for a local temporary copy of an instance on its way through (a download, a transcoded
-    file), removed after use. It is a staging file under SPOOL_ROOT, named for this process, so
-    what a killed run left there is removed by the first spool of any later process."""
-    if not _spool_cleaned:
-        clean_staging(SPOOL_ROOT)
-        _spool_cleaned.append(True)
-    path = _staging_file(SPOOL_ROOT)
-    try:
-        yield path
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        with contextlib.suppress(OSError):
-            os.rmdir(os.path.dirname(path))  # only when empty; a writer recreates it
-
-
-def clean_staging(root: str) -> int:
-    """Remove the staging files under a local `root` that no live writer owns; how many.
-
-    A file is left over when its process (on this host) is gone, or when it is older than
-    STALE_AFTER whatever its host. The staging directory goes too once empty.
-    """
-    if is_gcs(root):
-        return 0
-    directory = os.path.join(root, STAGING)
-    removed = 0
-    try:
-        entries = list(os.scandir(directory))
-    except (FileNotFoundError, NotADirectoryError):
-        return 0
-    for entry in entries:
-        host, _, rest = entry.name.partition(".")
-        pid = rest.partition(".")[0]
-        with contextlib.suppress(FileNotFoundError):
-            modified = entry.stat().st_mtime
-            mine = host == HOST and pid.isdigit()
-            if time.time() - modified > STALE_AFTER or (mine and not _writing(int(pid), modified)):
-                os.unlink(entry.path)
-                removed += 1
-    with contextlib.suppress(OSError):
-        os.rmdir(directory)  # only when empty; a writer recreates it
-    return removed
-
-
-def _writing(pid: int, since: float) -> bool:
-    """Whether process `pid` may still be writing a file last modified at `since`: it is alive and
-    started before then (a pid reused by a newer process is not the writer)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        return os.stat(f"/proc/{pid}").st_ctime <= since + 1
-    except OSError as error:
-        return error.errno != errno.ENOENT
+    return place(lambda handle: handle.write(data), uri, root, create_only)
 
 
 def _copy_to_gcs(source: str, destination: str, create_only: bool) -> bool:

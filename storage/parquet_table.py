@@ -17,18 +17,17 @@ import pyarrow.parquet as pq
 
 from schemas.bigquery import to_arrow
 from storage.destination import UID_COLUMNS, UIDS
+from storage.listing import lister_for
 from storage.objects import (
-    Lister,
     MatchedFile,
-    clean_staging,
     delete_tree,
     is_gcs,
     join,
     open_ranged,
     size_of,
-    split_gcs,
     write_bytes,
 )
+from storage.staging import clean_staging
 
 ROWS_PER_FILE = 5000
 PARQUET_VIEW = f"""SELECT * EXCLUDE (row_rank) FROM (
@@ -40,12 +39,9 @@ WHERE row_rank = 1 AND (Type IS NULL OR Type <> 'DELETE')
 
 
 def parquet_files(directory: str) -> list[str]:
-    if is_gcs(directory):
-        bucket, name = split_gcs(directory.rstrip("/") + "/")
-        files, _ = Lister(bucket).children(name)
-        return [f"gs://{bucket}/{file.uri}" for file in files if file.uri.endswith(".parquet")]
-    files, _ = Lister(None).children(directory.rstrip("/") + "/")
-    return [file.uri for file in files if file.uri.endswith(".parquet")]
+    lister, prefix = lister_for(directory.rstrip("/") + "/")
+    files, _ = lister.children(prefix)
+    return [lister.uri(file.uri) for file in files if file.uri.endswith(".parquet")]
 
 
 def finish_parquet(written: list[str], directory: str, write_disposition: str, schema: list[dict]) -> None:

@@ -9,9 +9,14 @@ import duckdb
 import pydicom
 import pytest
 
-from dicomlib.filters import FilterError, Target, parse_filter, parse_line
+from dicomlib.filters import FilterError, Target, filter_targets, merge, parse_line
 from dicomlib.uids import InstanceRef
 from tests.command_line import ENTRIES, SAMPLE, Place
+
+
+def parse_filter(data: bytes) -> list[Target]:
+    """The merged targets of a filter file's bytes: none inside another, in the file's order."""
+    return merge(filter_targets(data))
 
 
 @pytest.fixture(scope="module")

@@ -46,8 +46,9 @@ from dicomlib.flatten import flatten
 from dicomlib.flatten.columns import OTHER_ELEMENTS_FIELD
 from dicomlib.flatten.elements import MAX_VALUE_BYTES
 from dicomlib.flatten.walk import MAX_SEQUENCE_DEPTH
-from schemas.bigquery import DROPPED_TAGS_FIELD, column_count, nesting_depth, to_arrow
+from schemas.bigquery import DROPPED_TAGS_FIELD, column_count, to_arrow
 from schemas.rows import Flat, restrict
+from tests.schema_rules import nesting_depth
 
 pytestmark = pytest.mark.filterwarnings("ignore")  # pydicom warns about many odd corpus files
 

@@ -95,7 +95,7 @@ def test_a_killed_import_run_again_stores_everything_once_with_one_current_row_e
 
 def test_leftover_staging_files_of_dead_runs_go_and_a_live_run_keeps_its_own(tmp_path: Path) -> None:
     """What a killed run left is removed by the next run; a concurrent run's files are not."""
-    from storage.objects import HOST, STAGING, STALE_AFTER, clean_staging
+    from storage.staging import HOST, STAGING, STALE_AFTER, clean_staging
 
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
     dead_pid = int(finished.stdout)
@@ -118,7 +118,7 @@ def test_temporary_copies_of_a_killed_process_go_at_the_next_spool() -> None:
     """Downloads and transcoded files live in a staging directory of their own; a process killed
     while it held one leaves it there, and the next process's first spool removes it."""
     script = (
-        "import os, time; from storage.objects import spool_file\n"
+        "import os, time; from storage.staging import spool_file\n"
         "with spool_file() as path:\n"
         "    open(path, 'wb').write(b'half an instance'); print(path, flush=True); time.sleep(60)\n"
     )
@@ -131,7 +131,7 @@ def test_temporary_copies_of_a_killed_process_go_at_the_next_spool() -> None:
     holder.wait()
     assert left.exists()
 
-    cleaner = "from storage.objects import spool_file\nwith spool_file(): pass\n"
+    cleaner = "from storage.staging import spool_file\nwith spool_file(): pass\n"
     subprocess.run([sys.executable, "-c", cleaner], check=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT)})
 
     assert not left.exists()

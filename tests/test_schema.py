@@ -28,11 +28,11 @@ from schemas.bigquery import (
     allowed_schema,
     column_count,
     merge,
-    nesting_depth,
     to_arrow,
     to_bigquery,
 )
 from schemas.rows import Flat, restrict
+from tests.schema_rules import nesting_depth
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

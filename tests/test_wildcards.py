@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 
 from dicomlib.wildcard import PatternError, parse_pattern
-from storage.objects import Lister
+from storage.listing import Lister, expand
 from tests.gcs_emulator import upload_tree
-from transforms.expand import expand
 
 TREE = [
     "data/Example.dcm",

@@ -11,7 +11,8 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from dicomlib import NAMESPACE
-from storage.objects import clean_staging, join, write_bytes
+from storage.objects import join, write_bytes
+from storage.staging import clean_staging
 
 DEAD_LETTER = "dead_letter"
 LINES_PER_FILE = 10_000

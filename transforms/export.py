@@ -13,7 +13,8 @@ from dicomlib.failures import ItemFailed, describe, item_failure
 from dicomlib.isolated import Isolated
 from dicomlib.uids import InstanceRef, valid_uid
 from storage.export_files import convert_file
-from storage.objects import IO_ERRORS, clean_staging, is_gcs, join
+from storage.objects import IO_ERRORS, is_gcs, join
+from storage.staging import clean_staging
 from storage.stores import open_store
 from transforms import progress
 from transforms.dead_letter import failure

@@ -26,8 +26,8 @@ from schemas.bigquery import SchemaConflict, merge
 from schemas.rows import Flat, restrict
 from storage.bigquery_table import finish_table, json_row, prepare_table
 from storage.destination import Destination, DestinationRefused
-from storage.objects import clean_staging
 from storage.parquet_table import ROWS_PER_FILE, finish_parquet, write_parquet_file
+from storage.staging import clean_staging
 from storage.tables import table_schema
 
 

@@ -1,0 +1,118 @@
+"""Staging files: where a local file is written before it is renamed into place, and the spools
+that hold instances on their way through. Each is named for its host and process, so that what a
+killed run left behind is found and removed by a later one, while a live run's files are kept."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import io
+import os
+import socket
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+
+STAGING = ".dicom-etl-tmp"
+STALE_AFTER = 24 * 3600  # seconds: a staging file this old is left over, even from another host
+HOST = socket.gethostname().replace(".", "_")
+SPOOL_ROOT = tempfile.gettempdir()  # its staging directory holds the spools
+_spool_cleaned: list[bool] = []  # whether this process has cleaned SPOOL_ROOT yet
+
+
+def place(
+    fill: Callable[[io.BufferedWriter], object], destination: str, root: str, create_only: bool
+) -> bool:
+    """Write a staging file under `root` with `fill`, then move it to `destination`."""
+    os.makedirs(os.path.dirname(destination), exist_ok=True)
+    staged = _staging_file(root)
+    try:
+        with open(staged, "wb") as handle:
+            fill(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        (os.link if create_only else os.replace)(staged, destination)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(staged)
+
+
+def _staging_file(root: str) -> str:
+    """A new, empty staging file under `root`, created with the modes the umask gives (0644 under
+    umask 022); its name says which host and process own it."""
+    directory = os.path.join(root, STAGING)
+    path = os.path.join(directory, f"{HOST}.{os.getpid()}.{uuid.uuid4().hex}")
+    for attempt in range(3):  # a concurrent clean_staging may remove the empty directory between
+        os.makedirs(directory, exist_ok=True)
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return path
+        except FileNotFoundError:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def spool_file() -> Iterator[str]:
+    """A path for a local temporary copy of an instance on its way through (a download, a transcoded
+    file), removed after use. It is a staging file under SPOOL_ROOT, named for this process, so
+    what a killed run left there is removed by the first spool of any later process."""
+    if not _spool_cleaned:
+        clean_staging(SPOOL_ROOT)
+        _spool_cleaned.append(True)
+    path = _staging_file(SPOOL_ROOT)
+    try:
+        yield path
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.dirname(path))  # only when empty; a writer recreates it
+
+
+def clean_staging(root: str) -> int:
+    """Remove the staging files under a local `root` that no live writer owns; how many.
+
+    A file is left over when its process (on this host) is gone, or when it is older than
+    STALE_AFTER whatever its host. The staging directory goes too once empty.
+    """
+    if root.startswith("gs://"):
+        return 0
+    directory = os.path.join(root, STAGING)
+    removed = 0
+    try:
+        entries = list(os.scandir(directory))
+    except (FileNotFoundError, NotADirectoryError):
+        return 0
+    for entry in entries:
+        host, _, rest = entry.name.partition(".")
+        pid = rest.partition(".")[0]
+        with contextlib.suppress(FileNotFoundError):
+            modified = entry.stat().st_mtime
+            mine = host == HOST and pid.isdigit()
+            if time.time() - modified > STALE_AFTER or (mine and not _writing(int(pid), modified)):
+                os.unlink(entry.path)
+                removed += 1
+    with contextlib.suppress(OSError):
+        os.rmdir(directory)  # only when empty; a writer recreates it
+    return removed
+
+
+def _writing(pid: int, since: float) -> bool:
+    """Whether process `pid` may still be writing a file last modified at `since`: it is alive and
+    started before then (a pid reused by a newer process is not the writer)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return os.stat(f"/proc/{pid}").st_ctime <= since + 1
+    except OSError as error:
+        return error.errno != errno.ENOENT
