@@ -19,7 +19,7 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from dicomlib.uids import InstanceRef, valid_uid
+from dicomlib.uids import InstanceRef, dicomweb_path, valid_uid
 
 LINE = re.compile(r"/studies/([^/]*)(?:/series/([^/]*)(?:/instances/([^/]*))?)?")
 # What str.splitlines() breaks lines at, besides "\n" (and the "\r" of "\r\n", removed first).
@@ -45,6 +45,10 @@ class Target:
 
     def covers(self, ref: InstanceRef) -> bool:
         return ref.study == self.study and self.series in (None, ref.series) and self.sop in (None, ref.sop)
+
+    def path(self) -> str:
+        """The target as its filter line."""
+        return dicomweb_path(self.study, self.series, self.sop)
 
 
 def parse_line(text: str, number: int = 1) -> Target:

@@ -42,12 +42,13 @@ class WriteDeadLetters(beam.PTransform):
         return (
             records
             | "CountReasons" >> beam.Map(_count_reason)
+            | "Batch" >> beam.BatchElements(min_batch_size=LINES_PER_FILE, max_batch_size=LINES_PER_FILE)
             | "Write" >> beam.ParDo(_WriteJsonLines(self.directory, self.name))
         )
 
 
 class _WriteJsonLines(beam.DoFn):
-    """Records -> files of at most LINES_PER_FILE JSON lines; yields the files' paths."""
+    """Batches of records -> one file of JSON lines each; yields the files' paths."""
 
     def __init__(self, directory: str, name: str) -> None:
         self.directory = directory
@@ -59,23 +60,11 @@ class _WriteJsonLines(beam.DoFn):
     def teardown(self) -> None:
         clean_staging(self.directory)  # the staging directory, once empty
 
-    def start_bundle(self) -> None:
-        self.lines: list[str] = []
-
-    def process(self, record: dict[str, Any]) -> Iterator[str]:
-        self.lines.append(json.dumps(record, sort_keys=True))
-        if len(self.lines) >= LINES_PER_FILE:
-            yield self._write()
-
-    def finish_bundle(self) -> Iterator[Any]:
-        if self.lines:
-            yield beam.transforms.window.GlobalWindows.windowed_value(self._write())
-
-    def _write(self) -> str:
+    def process(self, records: list[dict[str, Any]]) -> Iterator[str]:
         path = join(self.directory, f"{self.name}-{uuid.uuid4().hex[:12]}.jsonl")
-        write_bytes(path, "".join(f"{line}\n" for line in self.lines).encode(), root=self.directory)
-        self.lines = []
-        return path
+        lines = "".join(json.dumps(record, sort_keys=True) + "\n" for record in records)
+        write_bytes(path, lines.encode(), root=self.directory)
+        yield path
 
 
 def _count_reason(record: dict[str, Any]) -> dict[str, Any]:

@@ -6,25 +6,22 @@ import os
 from collections.abc import Iterator
 
 import apache_beam as beam
-from apache_beam.metrics import Metrics
 
-from dicomlib import NAMESPACE
 from dicomlib.failures import ItemFailed, describe, item_failure
 from dicomlib.isolated import Isolated
 from dicomlib.uids import InstanceRef, valid_uid
 from storage.export_files import convert_file
 from storage.objects import IO_ERRORS, is_gcs, join
 from storage.staging import clean_staging
-from storage.stores import open_store
 from transforms import progress
-from transforms.dead_letter import failure
+from transforms.store_dofn import StoreDoFn
 
 STAGES = {"invalid_uid": "select", "not_found": "read", "read_error": "read", "write_error": "write"}
 CONVERT_SECONDS = 600  # the most a conversion may take, plus CONVERT_SECONDS_PER_MB of its file
 CONVERT_SECONDS_PER_MB = 10
 
 
-class ExportInstances(beam.DoFn):
+class ExportInstances(StoreDoFn):
     """InstanceRef -> the files written for it, under `{output}/{study}/{series}/`.
 
     `dicom` writes `{sop}.dcm`, unchanged (copied server-side when both ends are in GCS) or
@@ -35,17 +32,13 @@ class ExportInstances(beam.DoFn):
     """
 
     def __init__(self, store_location: str, output: str, file_type: str, transfer_syntax: str | None) -> None:
-        self.store_location = store_location
+        super().__init__(store_location)
         self.output = output
         self.file_type = file_type
         self.transfer_syntax = transfer_syntax
-        self.counters = {
-            name: Metrics.counter(NAMESPACE, name)
-            for name in ("success", "failure", "files_written", "bytes_through_worker")
-        }
 
     def setup(self) -> None:
-        self.store = open_store(self.store_location)
+        super().setup()
         self.converter = Isolated("cannot_convert")
         if not is_gcs(self.output):  # the contract: {output} exists after an export
             os.makedirs(self.output, exist_ok=True)
@@ -67,8 +60,8 @@ class ExportInstances(beam.DoFn):
             failed = item_failure(error, "read_error")
             yield self._fail(path, failed.reason, failed.detail)
             return
-        self.counters["success"].inc()
-        self.counters["files_written"].inc(len(written))
+        self.count("success")
+        self.count("files_written", len(written))
         progress.finished("success")
         yield from written
 
@@ -80,21 +73,20 @@ class ExportInstances(beam.DoFn):
                 raise
             except IO_ERRORS as error:
                 raise ItemFailed("write_error", describe(error)) from error
-            self.counters["bytes_through_worker"].inc(moved)
+            self.count("bytes_through_worker", moved)
             return [f"{stem}.dcm"]
         with self.store.spool(ref) as local:
             size = os.path.getsize(local)
-            self.counters["bytes_through_worker"].inc(size)
+            self.count("bytes_through_worker", size)
             timeout = CONVERT_SECONDS + CONVERT_SECONDS_PER_MB * size / 1e6
             return self.converter.call(
                 convert_file, local, stem, self.file_type, self.transfer_syntax, self.output, timeout=timeout
             )
 
     def _fail(self, path: str, reason: str, detail: str) -> beam.pvalue.TaggedOutput:
-        self.counters["failure"].inc()
-        return failure(path, STAGES.get(reason, "convert"), reason, detail)
+        return self.dead_letter(path, STAGES.get(reason, "convert"), reason, detail)
 
     def teardown(self) -> None:
         self.converter.close()
-        self.store.close()
+        super().teardown()
         clean_staging(self.output)  # the staging directory, once empty

@@ -16,17 +16,16 @@ from dicomlib.header import read_header
 from dicomlib.uids import InstanceRef
 from schemas.rows import Flat, with_event
 from storage.objects import MatchedFile, open_ranged
-from storage.stores import open_store
 from storage.tables import current_keys
 from transforms import progress
-from transforms.dead_letter import failure
+from transforms.store_dofn import StoreDoFn
 
 
 def now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
-class RowsFromStore(beam.DoFn):
+class RowsFromStore(StoreDoFn):
     """InstanceRef -> a CREATE row of the instance as the store holds it (export_metadata).
 
     A file-layout store's instances are parsed from their headers; a DICOMweb store's come from
@@ -34,13 +33,8 @@ class RowsFromStore(beam.DoFn):
     """
 
     def __init__(self, store_location: str, exclude_vrs: Collection[str]) -> None:
-        self.store_location = store_location
+        super().__init__(store_location)
         self.exclude_vrs = frozenset(exclude_vrs)
-        self.success = Metrics.counter(NAMESPACE, "success")
-        self.failures = Metrics.counter(NAMESPACE, "failure")
-
-    def setup(self) -> None:
-        self.store = open_store(self.store_location)
 
     def process(self, ref: InstanceRef) -> Iterator[Flat | beam.pvalue.TaggedOutput]:
         try:
@@ -49,15 +43,11 @@ class RowsFromStore(beam.DoFn):
         except BaseException as error:  # item_failure re-raises interrupts
             missing = isinstance(error, FileNotFoundError)
             failed = item_failure(error, "not_found" if missing else "read_error")
-            self.failures.inc()
-            yield failure(ref.path(), "read", failed.reason, failed.detail)
+            yield self.dead_letter(ref.path(), "read", failed.reason, failed.detail)
             return
-        self.success.inc()
+        self.count("success")
         progress.finished("success")
         yield with_event(flat, "CREATE", now(), blob.storage_class, blob.size)
-
-    def teardown(self) -> None:
-        self.store.close()
 
 
 class WithoutCurrentRow(beam.DoFn):
@@ -78,7 +68,7 @@ class WithoutCurrentRow(beam.DoFn):
                 yield record
 
 
-class RowsOfImported(beam.DoFn):
+class RowsOfImported(StoreDoFn):
     """A record of a stored instance (import) -> its CREATE row, from the imported file's header
     (the file is the instance, byte for byte), with the stored object's size and storage class as
     the store reports them, else the file's size and the `--storage_class` given. A row that
@@ -91,14 +81,9 @@ class RowsOfImported(beam.DoFn):
         storage_class: str | None,
         max_requests_in_flight: int | None = None,
     ) -> None:
-        self.store_location = store_location
-        self.max_requests_in_flight = max_requests_in_flight
+        super().__init__(store_location, max_requests_in_flight=max_requests_in_flight)
         self.exclude_vrs = frozenset(exclude_vrs)
         self.storage_class = storage_class
-        self.failures = Metrics.counter(NAMESPACE, "metadata_failures")
-
-    def setup(self) -> None:
-        self.store = open_store(self.store_location, max_requests_in_flight=self.max_requests_in_flight)
 
     def process(self, stored: dict[str, Any]) -> Iterator[Flat | beam.pvalue.TaggedOutput]:
         ref = InstanceRef(stored["study_uid"], stored["series_uid"], stored["sop_uid"])
@@ -108,11 +93,9 @@ class RowsOfImported(beam.DoFn):
             blob = self.store.blob_info(ref)
         except BaseException as error:  # the file changed since it was stored; interrupts re-raised
             failed = item_failure(error, "read_error")
-            self.failures.inc()
-            yield failure(stored["uri"], "metadata", failed.reason, failed.detail)
+            yield self.dead_letter(
+                stored["uri"], "metadata", failed.reason, failed.detail, "metadata_failures"
+            )
             return
         size = stored["size"] if blob.size is None else blob.size
         yield with_event(flat, "CREATE", now(), blob.storage_class or self.storage_class, size)
-
-    def teardown(self) -> None:
-        self.store.close()

@@ -12,16 +12,13 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import apache_beam as beam
-from apache_beam.metrics import Metrics
 
-from dicomlib import NAMESPACE
 from dicomlib.failures import item_failure
 from dicomlib.filters import Target, merge, parse_line
 from dicomlib.uids import InstanceRef
 from storage.objects import read_filter
-from storage.stores import open_store
 from transforms import progress
-from transforms.dead_letter import failure
+from transforms.store_dofn import StoreDoFn
 
 
 def merge_study(element: tuple[str, Iterable[Target]]) -> Iterator[Target]:
@@ -30,40 +27,22 @@ def merge_study(element: tuple[str, Iterable[Target]]) -> Iterator[Target]:
     yield from merge(element[1])
 
 
-class ListStudies(beam.DoFn):
+class ListStudies(StoreDoFn):
     """Anything -> a Target for every study in the store (the unfiltered export)."""
-
-    def __init__(self, store_location: str) -> None:
-        self.store_location = store_location
-
-    def setup(self) -> None:
-        self.store = open_store(self.store_location)
 
     def process(self, _: Any) -> Iterator[Target]:
         before = self.store.listed
         for study in self.store.studies():
             yield Target(study)
-        Metrics.counter(NAMESPACE, "objects_listed").inc(self.store.listed - before)
-
-    def teardown(self) -> None:
-        self.store.close()
+        self.count("objects_listed", self.store.listed - before)
 
 
-class ListInstances(beam.DoFn):
+class ListInstances(StoreDoFn):
     """Target -> the InstanceRefs it covers; a study or series with none is a `no_match` failure."""
-
-    def __init__(self, store_location: str) -> None:
-        self.store_location = store_location
-        self.selected = Metrics.counter(NAMESPACE, "selected")
-        self.unmatched = Metrics.counter(NAMESPACE, "unmatched_targets")
-        self.listed = Metrics.counter(NAMESPACE, "objects_listed")
-
-    def setup(self) -> None:
-        self.store = open_store(self.store_location)
 
     def process(self, target: Target) -> Iterator[InstanceRef | beam.pvalue.TaggedOutput]:
         if target.sop is not None and target.series is not None:
-            self.selected.inc()
+            self.count("selected")
             progress.count("selected")
             yield InstanceRef(target.study, target.series, target.sop)
             return
@@ -75,19 +54,15 @@ class ListInstances(beam.DoFn):
                 yield ref
         except BaseException as error:  # item_failure re-raises interrupts and RunFailed
             failed = item_failure(error, "read_error")
-            self.unmatched.inc()
             detail = f"the listing stopped after {found} instances: {failed.detail}"
-            yield failure(_path(target), "select", failed.reason, detail)
+            yield self.dead_letter(target.path(), "select", failed.reason, detail, "unmatched_targets")
             return
         finally:
-            self.selected.inc(found)
-            self.listed.inc(self.store.listed - before)
+            self.count("selected", found)
+            self.count("objects_listed", self.store.listed - before)
         if not found:
-            self.unmatched.inc()
-            yield failure(_path(target), "select", "no_match", f"no instance in {self.store_location}")
-
-    def teardown(self) -> None:
-        self.store.close()
+            detail = f"no instance in {self.store_location}"
+            yield self.dead_letter(target.path(), "select", "no_match", detail, "unmatched_targets")
 
 
 class SelectTargets(beam.PTransform):
@@ -130,52 +105,30 @@ class SelectTargets(beam.PTransform):
         )
 
 
-class DeleteTargets(beam.DoFn):
+class DeleteTargets(StoreDoFn):
     """Target -> the InstanceRefs it deleted: a study or series in one request, after listing what
     it holds (for the DELETE rows); a target with nothing in the store is a `no_match` failure."""
-
-    def __init__(self, store_location: str) -> None:
-        self.store_location = store_location
-        self.selected = Metrics.counter(NAMESPACE, "selected")
-        self.success = Metrics.counter(NAMESPACE, "success")
-        self.failures = Metrics.counter(NAMESPACE, "failure")
-        self.unmatched = Metrics.counter(NAMESPACE, "unmatched_targets")
-
-    def setup(self) -> None:
-        self.store = open_store(self.store_location)
 
     def process(self, target: Target) -> Iterator[InstanceRef | beam.pvalue.TaggedOutput]:
         try:
             refs = [ref for ref in self.store.instances(target.study, target.series) if target.covers(ref)]
         except BaseException as error:  # item_failure re-raises interrupts and RunFailed
             failed = item_failure(error, "read_error")
-            self.unmatched.inc()
-            yield failure(_path(target), "select", failed.reason, failed.detail)
+            yield self.dead_letter(target.path(), "select", failed.reason, failed.detail, "unmatched_targets")
             return
         if not refs:
-            self.unmatched.inc()
-            yield failure(_path(target), "select", "no_match", f"no instance in {self.store_location}")
+            detail = f"no instance in {self.store_location}"
+            yield self.dead_letter(target.path(), "select", "no_match", detail, "unmatched_targets")
             return
-        self.selected.inc(len(refs))
+        self.count("selected", len(refs))
         progress.count("selected", len(refs))
         try:
             self.store.delete(target.study, target.series, target.sop, listed=refs)
         except BaseException as error:  # item_failure re-raises interrupts and RunFailed
             failed = item_failure(error, "delete_error")
-            self.failures.inc(len(refs))
             for ref in refs:
-                yield failure(ref.path(), "delete", failed.reason, failed.detail)
+                yield self.dead_letter(ref.path(), "delete", failed.reason, failed.detail)
             return
-        self.success.inc(len(refs))
+        self.count("success", len(refs))
         progress.finished("success", len(refs))
         yield from refs
-
-    def teardown(self) -> None:
-        self.store.close()
-
-
-def _path(target: Target) -> str:
-    """A target as its filter line."""
-    path = f"/studies/{target.study}"
-    path += f"/series/{target.series}" if target.series else ""
-    return path + (f"/instances/{target.sop}" if target.sop else "")

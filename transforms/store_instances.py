@@ -11,11 +11,12 @@ import collections
 import concurrent.futures
 import itertools
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
-from apache_beam.transforms.window import GlobalWindows
+from apache_beam.transforms.window import BoundedWindow
+from apache_beam.utils.windowed_value import WindowedValue
 
 from dicomlib import NAMESPACE
 from dicomlib.failures import item_failure
@@ -23,9 +24,9 @@ from dicomlib.header import read_header
 from dicomlib.uids import InstanceRef
 from storage.objects import MatchedFile, open_ranged
 from storage.store import FAILURE, SUCCESS, Parsed, Written
-from storage.stores import open_store
 from transforms import progress
 from transforms.dead_letter import failure
+from transforms.store_dofn import StoreDoFn
 
 MAX_BATCH_INSTANCES = 100
 MAX_BATCH_BYTES = 32 * 1024 * 1024
@@ -53,7 +54,7 @@ class ParseInstances(beam.DoFn):
         yield ref.sop, Parsed(file, ref)
 
 
-class WriteInstances(beam.DoFn):
+class WriteInstances(StoreDoFn):
     """(SOP Instance UID, files) -> one record per file stored; failures to the dead letter.
 
     Instances go to the store in batches (at most MAX_BATCH_INSTANCES and MAX_BATCH_BYTES, one
@@ -68,28 +69,27 @@ class WriteInstances(beam.DoFn):
         verify_stored: bool = False,
         max_requests_in_flight: int | None = None,
     ) -> None:
-        self.location = location
-        self.storage_class = storage_class
-        self.verify_stored = verify_stored
-        self.max_requests_in_flight = max_requests_in_flight
-        self.counters = {
-            name: Metrics.counter(NAMESPACE, name)
-            for name in ("success", "already_present", "failure", "bytes_stored")
-        }
+        super().__init__(
+            location,
+            storage_class=storage_class,
+            verify_stored=verify_stored,
+            max_requests_in_flight=max_requests_in_flight,
+        )
 
     def setup(self) -> None:
-        self.store = open_store(
-            self.location, self.storage_class, self.verify_stored, self.max_requests_in_flight
-        )
+        super().setup()
         self.store.remove_leftovers()
         self.pool = concurrent.futures.ThreadPoolExecutor(IN_FLIGHT)
 
     def start_bundle(self) -> None:
         self.batch: list[Parsed] = []
+        self.windows: list[BoundedWindow] = []  # each item's window, for outputs made after process()
         self.batch_bytes = 0
-        self.writing: collections.deque[tuple[list[Parsed], concurrent.futures.Future]] = collections.deque()
+        self.writing: collections.deque[Writing] = collections.deque()
 
-    def process(self, element: tuple[str, Iterable[Parsed]]) -> Iterator[Any]:
+    def process(
+        self, element: tuple[str, Iterable[Parsed]], window: BoundedWindow = beam.DoFn.WindowParam
+    ) -> Iterator[Any]:
         first, *others = sorted(element[1], key=lambda item: item.file.uri)
         if others:  # the same SOP Instance UID in several files: one after the other
             for item in [first, *others]:
@@ -102,25 +102,22 @@ class WriteInstances(beam.DoFn):
         ):
             yield from self._submit()
         self.batch.append(first)
+        self.windows.append(window)
         self.batch_bytes += first.file.size
 
     def finish_bundle(self) -> Iterator[Any]:
-        pending = itertools.chain(self._submit() if self.batch else (), self._drain())
-        for output in pending:  # outside process(), outputs carry their window
-            if isinstance(output, beam.pvalue.TaggedOutput):
-                yield beam.pvalue.TaggedOutput(output.tag, GlobalWindows.windowed_value(output.value))
-            else:
-                yield GlobalWindows.windowed_value(output)
+        yield from itertools.chain(self._submit() if self.batch else (), self._drain())
 
     def teardown(self) -> None:
         self.pool.shutdown()
         self.store.remove_leftovers()  # the staging directory, once empty
-        self.store.close()
+        super().teardown()
 
     def _submit(self) -> Iterator[Any]:
         """Start writing the current batch; wait for the oldest one when too many are in flight."""
-        batch, self.batch, self.batch_bytes = self.batch, [], 0
-        self.writing.append((batch, self.pool.submit(self.store.write, batch)))
+        batch, windows = self.batch, self.windows
+        self.batch, self.windows, self.batch_bytes = [], [], 0
+        self.writing.append(Writing(batch, windows, self.pool.submit(self.store.write, batch)))
         while len(self.writing) > IN_FLIGHT:
             yield from self._collect()
 
@@ -129,30 +126,41 @@ class WriteInstances(beam.DoFn):
             yield from self._collect()
 
     def _collect(self) -> Iterator[Any]:
-        batch, future = self.writing.popleft()
-        yield from self._outputs(batch, _results(batch, future.result))
+        batch, windows, future = self.writing.popleft()
+        yield from self._outputs(batch, _results(batch, future.result), windows=windows)
 
-    def _outputs(self, batch: list[Parsed], results: list[Written], repeated: bool = False) -> Iterator[Any]:
+    def _outputs(
+        self,
+        batch: list[Parsed],
+        results: list[Written],
+        repeated: bool = False,
+        windows: list[BoundedWindow] | None = None,
+    ) -> Iterator[Any]:
         """Counters, dead letters and a record per stored file; `repeated`: a file with the SOP
-        Instance UID of one written just before in this run."""
-        for item, written in zip(batch, results, strict=True):
-            self.counters[written.outcome].inc()
-            progress.finished(written.outcome)
-            if written.outcome == FAILURE:
-                yield failure(item.file.uri, "store", written.reason, written.detail)
-                continue
-            if written.outcome == SUCCESS:
-                self.counters["bytes_stored"].inc(item.file.size)
-            yield {
-                "uri": item.file.uri,
-                "location": written.location,
-                "outcome": written.outcome,
-                "size": item.file.size,
-                "study_uid": item.ref.study,
-                "series_uid": item.ref.series,
-                "sop_uid": item.ref.sop,
-                "repeated": repeated,
-            }
+        Instance UID of one written just before in this run. Outputs made outside process() carry
+        the window of their item (`windows`), as Beam requires there."""
+        for index, (item, written) in enumerate(zip(batch, results, strict=True)):
+            for output in self._item_outputs(item, written, repeated):
+                yield output if windows is None else _in_window(output, windows[index])
+
+    def _item_outputs(self, item: Parsed, written: Written, repeated: bool) -> Iterator[Any]:
+        progress.finished(written.outcome)
+        if written.outcome == FAILURE:
+            yield self.dead_letter(item.file.uri, "store", written.reason, written.detail)
+            return
+        self.count(written.outcome)
+        if written.outcome == SUCCESS:
+            self.count("bytes_stored", item.file.size)
+        yield {
+            "uri": item.file.uri,
+            "location": written.location,
+            "outcome": written.outcome,
+            "size": item.file.size,
+            "study_uid": item.ref.study,
+            "series_uid": item.ref.series,
+            "sop_uid": item.ref.sop,
+            "repeated": repeated,
+        }
 
 
 def _results(batch: list[Parsed], write: Callable[..., list[Written]], *args: Any) -> list[Written]:
@@ -163,3 +171,18 @@ def _results(batch: list[Parsed], write: Callable[..., list[Written]], *args: An
     except BaseException as error:  # item_failure re-raises interrupts and RunFailed
         failed = item_failure(error, "write_error")
         return [Written(FAILURE, item.file.uri, failed.reason, failed.detail) for item in batch]
+
+
+class Writing(NamedTuple):
+    """A batch being written: its items, their windows, and the write's future."""
+
+    batch: list[Parsed]
+    windows: list[BoundedWindow]
+    future: concurrent.futures.Future
+
+
+def _in_window(output: Any, window: BoundedWindow) -> Any:
+    """An output (a record or a dead letter) placed in its item's window."""
+    if isinstance(output, beam.pvalue.TaggedOutput):
+        return beam.pvalue.TaggedOutput(output.tag, _in_window(output.value, window))
+    return WindowedValue(output, window.max_timestamp(), [window])

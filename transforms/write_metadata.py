@@ -19,7 +19,6 @@ from typing import Any
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
-from apache_beam.transforms.window import GlobalWindows
 
 from dicomlib import NAMESPACE
 from schemas.bigquery import SchemaConflict, merge
@@ -58,8 +57,14 @@ class WriteMetadata(beam.PTransform):
             if destination.is_bigquery:
                 _write_bigquery(rows, schema, destination, self.write_disposition, label)
             else:
-                files = rows | f"{label}Parquet" >> beam.ParDo(
-                    WriteParquet(destination.location, self.run_name), beam.pvalue.AsSingleton(schema)
+                files = (
+                    rows
+                    | f"{label}Batch"
+                    >> beam.BatchElements(min_batch_size=ROWS_PER_FILE, max_batch_size=ROWS_PER_FILE)
+                    | f"{label}Parquet"
+                    >> beam.ParDo(
+                        WriteParquet(destination.location, self.run_name), beam.pvalue.AsSingleton(schema)
+                    )
                 )
                 (
                     files
@@ -116,7 +121,7 @@ class Restrict(beam.DoFn):
 
 
 class WriteParquet(beam.DoFn):
-    """Rows -> Parquet files of at most ROWS_PER_FILE rows, named for the run; yields their paths."""
+    """Batches of rows (at most ROWS_PER_FILE) -> a Parquet file each, named for the run; their paths."""
 
     def __init__(self, directory: str, run_name: str) -> None:
         self.directory = directory
@@ -128,23 +133,8 @@ class WriteParquet(beam.DoFn):
     def teardown(self) -> None:
         clean_staging(self.directory)  # the staging directory, once empty
 
-    def start_bundle(self) -> None:
-        self.rows: list[dict[str, Any]] = []
-
-    def process(self, row: dict[str, Any], schema: list[dict]) -> Iterator[str]:
-        self.schema = schema
-        self.rows.append(row)
-        if len(self.rows) >= ROWS_PER_FILE:
-            yield self._write()
-
-    def finish_bundle(self) -> Iterator[Any]:
-        if self.rows:
-            yield GlobalWindows.windowed_value(self._write())
-
-    def _write(self) -> str:
-        path = write_parquet_file(self.rows, self.schema, self.directory, self.run_name)
-        self.rows = []
-        return path
+    def process(self, rows: list[dict[str, Any]], schema: list[dict]) -> Iterator[str]:
+        yield write_parquet_file(rows, schema, self.directory, self.run_name)
 
 
 def _write_bigquery(
