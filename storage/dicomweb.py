@@ -41,7 +41,7 @@ from storage.dicomweb_client import (
 from storage.multipart import SOURCE_BUFFER, MultipartBody, SourceUnreadable
 from storage.objects import MatchedFile, open_ranged
 from storage.staging import spool_file
-from storage.store import ALREADY_PRESENT, FAILURE, SUCCESS, Parsed, Store, StoreUnavailable, Written
+from storage.store import FAILURE, SUCCESS, Parsed, Store, StoreUnavailable, Written, verdict
 
 LOGGER = logging.getLogger(NAMESPACE)
 PAGE = 1000
@@ -170,10 +170,8 @@ class DicomWebStore(Store):
             same = stored == item.ref and self._digest(stored) == _file_digest(item.file)
         except OSError as error:
             return Written(FAILURE, location, "read_error", describe(error))
-        if same:
-            return Written(ALREADY_PRESENT, location)
-        detail = f"{location} holds a different data set for SOP Instance UID {item.ref.sop}"
-        return Written(FAILURE, location, "conflict", detail + (f" (STOW-RS: {server})" if server else ""))
+        note = f" (STOW-RS: {server})" if server else ""
+        return verdict(location, item.ref.sop, same, "a different data set", note)
 
     def _digest(self, ref: InstanceRef) -> str:
         with self.spool(ref) as path, open(path, "rb") as stored:

@@ -42,7 +42,7 @@ from storage.objects import (
     write_bytes,
 )
 from storage.staging import clean_staging, spool_file
-from storage.store import ALREADY_PRESENT, FAILURE, SUCCESS, BlobInfo, Parsed, Store, Written
+from storage.store import FAILURE, SUCCESS, BlobInfo, Parsed, Store, Written, verdict
 
 INSTANCE_PATH = re.compile(r"studies/([0-9.]+)/series/([0-9.]+)/instances/([0-9.]+)\.dcm")
 
@@ -85,10 +85,7 @@ class FileLayoutStore(Store):
             same = fingerprint(item.file.uri) == (existing or fingerprint(target))
         except IO_ERRORS as error:
             return Written(FAILURE, target, "write_error", describe(error))
-        if same:
-            return Written(ALREADY_PRESENT, target)
-        detail = f"{target} holds different bytes for SOP Instance UID {item.ref.sop}"
-        return Written(FAILURE, target, "conflict", detail)
+        return verdict(target, item.ref.sop, same, "different bytes")
 
     def _claim(self, ref: InstanceRef) -> tuple[str, bool]:
         """The instance path that holds the SOP Instance UID's claim, and whether we made it now."""

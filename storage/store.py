@@ -129,3 +129,13 @@ class Store(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - only stores holding connections need it
         """Release connections."""
+
+
+def verdict(location: str, sop: str, same: bool, difference: str, note: str = "") -> Written:
+    """An instance whose SOP Instance UID the store holds already: the same content is
+    ALREADY_PRESENT, other content a conflict. `difference` names what differs (the bytes, or the
+    data set without its file meta group); `note` adds what the server said, if anything."""
+    if same:
+        return Written(ALREADY_PRESENT, location)
+    detail = f"{location} holds {difference} for SOP Instance UID {sop}{note}"
+    return Written(FAILURE, location, "conflict", detail)
