@@ -273,7 +273,7 @@ def _walk_to_end(stream: BinaryIO, size: int, implicit: bool, little: bool) -> N
     endian = "<" if little else ">"
     position = stream.tell()
     while position < size:
-        tag, length, header = _element_header(stream, position, size, implicit, endian)
+        tag, length, header = _element_header(stream, position, implicit, endian)
         position += header
         if length == UNDEFINED:
             position = _skip_items(stream, position, size, endian, tag)
@@ -287,9 +287,7 @@ def _walk_to_end(stream: BinaryIO, size: int, implicit: bool, little: bool) -> N
         position += length
 
 
-def _element_header(
-    stream: BinaryIO, position: int, size: int, implicit: bool, endian: str
-) -> tuple[int, int, int]:
+def _element_header(stream: BinaryIO, position: int, implicit: bool, endian: str) -> tuple[int, int, int]:
     stream.seek(position)
     head = stream.read(8)
     if len(head) < 8:
@@ -311,7 +309,7 @@ def _skip_items(stream: BinaryIO, position: int, size: int, endian: str, tag: in
     if _ends_with_delimiter(stream, size, endian == "<"):  # usual: nothing follows the frames
         return size
     while position < size:
-        item, length, _ = _element_header(stream, position, size, True, endian)
+        item, length, _ = _element_header(stream, position, True, endian)
         position += 8
         if item == SEQUENCE_END:
             return position

@@ -29,7 +29,7 @@ from dicomlib.dicom_json import first_value, instance_ref
 from dicomlib.failures import describe
 from dicomlib.header import data_set_digest
 from dicomlib.stow_response import DUPLICATE_INSTANCE, PROCESSING_FAILURE, StowAnswer, stow_answer
-from dicomlib.uids import InstanceRef
+from dicomlib.uids import InstanceRef, dicomweb_path
 from storage.dicomweb_client import (
     DicomWebClient,
     RequestFailed,
@@ -207,7 +207,7 @@ class DicomWebStore(Store):
                 yield study
 
     def instances(self, study: str, series: str | None = None) -> Iterator[InstanceRef]:
-        path = f"/studies/{study}" + (f"/series/{series}" if series else "") + "/instances"
+        path = dicomweb_path(study, series) + "/instances"
         for item in self._listing(path, "instances"):
             ref = instance_ref(item, study, series)
             if ref is not None:
@@ -256,8 +256,7 @@ class DicomWebStore(Store):
         sop: str | None = None,
         listed: Sequence[InstanceRef] | None = None,
     ) -> None:
-        path = f"/studies/{study}" + (f"/series/{series}" if series else "")
-        path += f"/instances/{sop}" if series and sop else ""
+        path = dicomweb_path(study, series, sop)
         response = self.http.request("DELETE", path)
         if response.status_code == 404:
             return

@@ -59,7 +59,7 @@ class FileLayoutStore(Store):
 
     def instance_uri(self, ref: InstanceRef) -> str:
         """The path of an instance; the UIDs must already be validated (see valid_uid)."""
-        return join(self.root, "studies", ref.study, "series", ref.series, "instances", f"{ref.sop}.dcm")
+        return join(self.root, ref.path().lstrip("/") + ".dcm")
 
     def write(self, batch: Sequence[Parsed]) -> list[Written]:
         return [self._put(item) for item in batch]

@@ -23,7 +23,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from dicomlib.dicom_json import first_value
-from dicomlib.uids import InstanceRef
+from dicomlib.uids import InstanceRef, dicomweb_path
 from storage.dicomweb import LOGGER, DicomWebStore
 from storage.dicomweb_client import RequestFailed, with_retries
 from storage.store import FAILURE, SUCCESS, BlobInfo, Parsed, StoreUnavailable, Written
@@ -174,7 +174,7 @@ class HealthcareStore(DicomWebStore):
         except ListingTooLarge:
             if series is not None:
                 raise
-            for item in self._listing(f"/studies/{study}/series", "series"):
+            for item in self._listing(dicomweb_path(study) + "/series", "series"):
                 series_uid = first_value(item, "0020000E")
                 if series_uid:
                     yield from self.instances(study, series_uid)
