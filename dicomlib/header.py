@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 import pydicom
-from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileDataset
 from pydicom.errors import InvalidDicomError
@@ -231,7 +230,7 @@ def data_set_start(stream: BinaryIO) -> int:
 
 def _uid(dataset: Dataset, keyword: str) -> str:
     """A UID as the file holds it: only trailing padding is dropped (a leading space is invalid)."""
-    element = dataset.get_item(tag_for_keyword(keyword))
+    element = dataset.get_item(keyword)
     if element is None:
         raise ItemFailed("missing_uid", f"{keyword} is missing")
     value = element.value

@@ -36,5 +36,8 @@ class Destination(NamedTuple):
     @property
     def parts(self) -> tuple[str, str, str]:
         """(project, dataset, table) of a BigQuery destination; the project may be domain:name."""
-        project, dataset, table = BIGQUERY_TABLE.fullmatch(self.location).groups()  # checked with the options
+        match = BIGQUERY_TABLE.fullmatch(self.location)
+        if match is None:  # checked with the options already
+            raise ValueError(f"{self.location!r} is not bq://project.dataset.table")
+        project, dataset, table = match.groups()
         return project, dataset, table

@@ -161,11 +161,12 @@ class DicomWebClient:
         """
         url = (base or self.root) + path
         body = kwargs.get("data")
-        start = body.tell() if hasattr(body, "seek") else None  # a streamed body, sent again from here
+        streamed = body if hasattr(body, "seek") else None  # a streamed body, sent again from its start
+        start = streamed.tell() if streamed is not None else 0
         broken = throttled = 0
         while True:
-            if start is not None:
-                body.seek(start)
+            if streamed is not None:
+                streamed.seek(start)
             try:
                 with self.slots:
                     response = self.session.request(method, url, timeout=TIMEOUT, **kwargs)

@@ -31,7 +31,7 @@ from typing import BinaryIO, NamedTuple
 
 import google_crc32c
 from google.api_core import exceptions as gcs_errors
-from google.cloud import storage
+from google.cloud import storage  # type: ignore[attr-defined]  # a namespace package mypy misses
 from google.cloud.storage.retry import DEFAULT_RETRY
 
 from dicomlib.failures import SourceReadError

@@ -11,7 +11,7 @@ import collections
 import concurrent.futures
 import itertools
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -22,7 +22,7 @@ from dicomlib import NAMESPACE
 from dicomlib.failures import item_failure
 from dicomlib.header import read_header
 from dicomlib.uids import InstanceRef
-from storage.objects import MatchedFile, open_ranged
+from storage.objects import MatchedFile, RangedFile, open_ranged
 from storage.store import FAILURE, SUCCESS, Parsed, Written
 from transforms import progress
 from transforms.dead_letter import failure
@@ -44,7 +44,7 @@ class ParseInstances(beam.DoFn):
         try:
             with open_ranged(file) as stream:
                 header = read_header(stream, file.size)
-                self.bytes_read.inc(stream.raw.bytes_fetched)
+                self.bytes_read.inc(cast(RangedFile, stream.raw).bytes_fetched)
         except BaseException as error:  # item_failure re-raises interrupts
             failed = item_failure(error, "read_error")
             self.failures.inc()
@@ -88,7 +88,7 @@ class WriteInstances(StoreDoFn):
         self.writing: collections.deque[Writing] = collections.deque()
 
     def process(
-        self, element: tuple[str, Iterable[Parsed]], window: BoundedWindow = beam.DoFn.WindowParam
+        self, element: tuple[str, Iterable[Parsed]], window: Any = beam.DoFn.WindowParam
     ) -> Iterator[Any]:
         first, *others = sorted(element[1], key=lambda item: item.file.uri)
         if others:  # the same SOP Instance UID in several files: one after the other
@@ -185,4 +185,4 @@ def _in_window(output: Any, window: BoundedWindow) -> Any:
     """An output (a record or a dead letter) placed in its item's window."""
     if isinstance(output, beam.pvalue.TaggedOutput):
         return beam.pvalue.TaggedOutput(output.tag, _in_window(output.value, window))
-    return WindowedValue(output, window.max_timestamp(), [window])
+    return WindowedValue(output, window.max_timestamp(), (window,))

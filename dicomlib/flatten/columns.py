@@ -105,7 +105,7 @@ def _is_group_repeater(tag: int) -> bool:
     return False
 
 
-def repeating_group_field(tag: int | None, info: Tag, value_field: dict | None) -> dict:
+def repeating_group_field(tag: int | None, info: Tag, value_field: dict) -> dict:
     """The column of a repeating group: REPEATED RECORD {Id, Value}; cached by `tag` (one column
     for every group of the entry) unless None (a sequence's, whose Value depends on its items)."""
     key = None if tag is None else tag & 0xFF00FFFF

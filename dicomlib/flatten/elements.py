@@ -10,11 +10,13 @@ import pydicom
 from pydicom.charset import convert_encodings
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.multival import MultiValue
+from pydicom.tag import BaseTag
 from pydicom.valuerep import CUSTOMIZABLE_CHARSET_VR, DEFAULT_CHARSET_VR, PersonName
 
 from dicomlib.flatten.columns import STRING_VRS
 from dicomlib.flatten.values import PAD, Invalid
 
+SPECIFIC_CHARACTER_SET = BaseTag(0x00080005)
 MAX_VALUE_BYTES = 1_000_000  # larger values are too_large (and the header reader leaves them unread)
 # Raw decoding: which VRs are split on "\\", and how their values are stripped.
 _ASCII_VRS = frozenset(map(str, DEFAULT_CHARSET_VR))  # AE AS CS DA DS DT IS TM UI UR
@@ -113,7 +115,7 @@ def value_size(values: list) -> int:
 
 def encodings_of(ds: pydicom.Dataset, parent: tuple[str, ...]) -> tuple[str, ...]:
     """The Python encodings of a data set's Specific Character Set, else its parent's."""
-    elem = ds._dict.get(0x00080005)
+    elem = ds._dict.get(SPECIFIC_CHARACTER_SET)
     if elem is None:
         return parent
     if isinstance(elem, RawDataElement):

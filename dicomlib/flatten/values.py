@@ -91,6 +91,7 @@ def parse_datetime(s: str) -> datetime.datetime:
 
 def _pn_record(value: Any) -> dict:
     """PN groups (a PersonName, its components, or the "A^B=C^D" string) as a RECORD."""
+    groups: Any
     if isinstance(value, PersonName):
         groups = value.components
     elif isinstance(value, str):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
-from typing import Any
+from typing import Any, cast
 
 import pydicom
 from pydicom.dataelem import DataElement, RawDataElement
@@ -118,7 +118,8 @@ def _flatten_into(ds: pydicom.Dataset, level: _Level, walk: _Walk, top_level: bo
 
 def _add_element(ds: pydicom.Dataset, tag: int, elem: Any, info: Tag, level: _Level, walk: _Walk) -> None:
     """One element into `level`: a column, an OtherElements entry, or a sequence's RECORD."""
-    vr, values = None, FALLBACK
+    vr: Any = None
+    values: Any = FALLBACK
     if type(elem) is RawDataElement:
         vr, values = _raw(elem, info, level, walk)
         if values is FALLBACK:
@@ -144,7 +145,7 @@ def _add_element(ds: pydicom.Dataset, tag: int, elem: Any, info: Tag, level: _Le
     if info.col_type in ("SQ", ""):
         raise Invalid(vr)  # e.g. an LO where the dictionary has a sequence
     value = None if values is None else column_value(values, vr, info.col_type, info.repeated)
-    _set(level, tag, info, value)
+    _set(level, tag, info, value, cast(dict, info.field))  # a column of these types has a field
 
 
 def _raw(elem: RawDataElement, info: Tag, level: _Level, walk: _Walk) -> tuple[str | None, Any]:
@@ -163,20 +164,20 @@ def _raw(elem: RawDataElement, info: Tag, level: _Level, walk: _Walk) -> tuple[s
     return vr, raw_values(elem, vr, level.encodings)
 
 
-def _set(level: _Level, tag: int, info: Tag, value: Any) -> None:
+def _set(level: _Level, tag: int, info: Tag, value: Any, column: dict) -> None:
     """A column's value; a repeating group's entries are gathered under its keyword."""
     name = info.name
     if info.kind == GROUP_REPEATER:
         entries = level.row.get(name)
         if entries is None:
             entries = level.row[name] = []
-            level.fields[name] = repeating_group_field(tag, info, info.field)
+            level.fields[name] = repeating_group_field(tag, info, column)
         entries.append({"Id": info.group_id, "Value": value})
     elif name in level.row:
         raise _Dropped(INVALID_VALUE)  # a second attribute with the same keyword
     else:
         level.row[name] = value
-        level.fields[name] = info.field
+        level.fields[name] = column
 
 
 def _sequence(elem: DataElement, info: Tag, level: _Level, walk: _Walk) -> None:
