@@ -2,7 +2,7 @@
 
 A schema is BigQuery's JSON form, a list of fields ``{"name", "type", "mode"[, "fields"]}`` with the
 legacy type names (STRING, INTEGER, FLOAT, DATE, TIME, TIMESTAMP, RECORD). The flattener
-(dicomlib/flatten.py) shares field dicts between rows through its per-tag cache: treat every
+(dicomlib/flatten/) shares field dicts between rows through its per-tag cache: treat every
 field here as immutable; these functions never change their arguments and return new lists (and new
 dicts wherever something changed).
 

@@ -60,7 +60,7 @@ DroppedTags
   1,000,000 bytes as encoded in the file; for a data set from JSON, its UTF-8 length),
   ``invalid_value`` (see above; also any value pydicom cannot decode), ``too_deep`` (*decision*: a
   sequence nested in 13 others; BigQuery nests RECORDs 15 levels at most, and a sequence at level
-  13 still has room for a PN's two), and ``column_limit`` (added by schemas.bigquery.restrict).
+  13 still has room for a PN's two), and ``column_limit`` (added by schemas.rows.restrict).
   *decision*: a sequence with no items, or whose items hold nothing, has no column (a RECORD needs
   fields); it is not listed either, having no value to lose.
 
