@@ -74,19 +74,15 @@ MAX_INFLATED = 128 * 1024 * 1024  # a deflated instance inflating to more is too
 ITEM, SEQUENCE_DELIMITER = (0xFFFE, 0xE000), (0xFFFE, 0xE0DD)
 
 
-def read_instance(source: str | BinaryIO) -> Dataset:
-    """The whole instance, pixels as stored, for conversion: a path or a seekable binary file.
+def read_instance(source: BinaryIO) -> Dataset:
+    """The whole instance, pixels as stored, for conversion, from a seekable binary file.
 
     A deflated data set is measured in bounded steps first (pydicom inflates it at once): past
     MAX_INFLATED it is too_large, so a small deflate bomb cannot take the worker's memory.
     """
     with _quiet(), _cannot("read the file"):
-        if isinstance(source, str):
-            with open(source, "rb") as stream:
-                check_inflated_size(stream, MAX_INFLATED)
-        else:
-            check_inflated_size(source, MAX_INFLATED)
-            source.seek(0)
+        check_inflated_size(source, MAX_INFLATED)
+        source.seek(0)
         return pydicom.dcmread(source)
 
 

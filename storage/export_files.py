@@ -22,7 +22,8 @@ def convert_file(local: str, stem: str, file_type: str, transfer_syntax: str | N
     ItemFailed with none of them left behind: an instance is exported whole or not at all."""
     written: list[str] = []
     try:
-        ds = read_instance(local)
+        with open(local, "rb") as stream:
+            ds = read_instance(stream)
         if file_type == "dicom":
             _write_dicom(ds, local, f"{stem}.dcm", transfer_syntax or "", root)
             written.append(f"{stem}.dcm")
