@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from pydicom.datadict import DicomDictionary, RepeatersDictionary, get_entry
 from pydicom.valuerep import BYTES_VR
@@ -43,7 +44,7 @@ class Tag:
     col_type: str  # STRING ... or PN / SQ / "" (binary-only dictionary VR)
     repeated: bool
     implicit_vr: str | None  # the VR of an implicit-VR element when unambiguous, else None
-    field: dict | None  # the column's field (the Value field for a repeating group); None for SQ
+    field: Any  # the column's field dict (the Value field for a repeating group); None for SQ
     group_id: str  # repeating groups: the group in hex
 
 

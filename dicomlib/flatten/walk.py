@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
-from typing import Any, cast
+from typing import Any
 
 import pydicom
 from pydicom.dataelem import DataElement, RawDataElement
@@ -16,6 +16,7 @@ from dicomlib.flatten.columns import (
     OTHER,
     OTHER_ELEMENTS,
     OTHER_ELEMENTS_FIELD,
+    TAGS,
     TYPE_BY_VR,
     Tag,
     repeating_group_field,
@@ -107,77 +108,73 @@ def _flatten_into(ds: pydicom.Dataset, level: _Level, walk: _Walk, top_level: bo
             continue  # group length
         if top_level and tag >= 0x7FE00008:
             break  # Pixel Data, and what follows it: not metadata (stop_before_pixels stops here)
-        info = tag_info(tag)
+        info = TAGS.get(tag) or tag_info(tag)
         try:
-            _add_element(ds, tag, elem, info, level, walk)
+            read = _read(ds, tag, elem, info, level, walk)
+            if read is None:
+                continue  # a sequence, added by _sequence
+            vr, values = read
+            if info.kind == OTHER:
+                data = [] if values is None else [to_string(v, vr) for v in values]
+                level.others.append({"Tag": info.name, "Data": data})
+                continue
+            if info.col_type in ("SQ", ""):
+                raise Invalid(vr)  # e.g. an LO where the dictionary has a sequence
+            value = None if values is None else column_value(values, vr, info.col_type, info.repeated)
         except _Dropped as dropped:
             walk.drop(level.prefix + info.name, dropped.reason)
+            continue
         except Exception:  # odd data: Invalid, pydicom's conversion errors, ValueError, ...
             walk.drop(level.prefix + info.name, INVALID_VALUE)
+            continue
+        name = info.name
+        if info.kind == GROUP_REPEATER:
+            entries = level.row.get(name)
+            if entries is None:
+                entries = level.row[name] = []
+                level.fields[name] = repeating_group_field(tag, info, info.field)
+            entries.append({"Id": info.group_id, "Value": value})
+        elif name in level.row:
+            walk.drop(level.prefix + name, INVALID_VALUE)  # a second attribute with the same keyword
+        else:
+            level.row[name] = value
+            level.fields[name] = info.field
 
 
-def _add_element(ds: pydicom.Dataset, tag: int, elem: Any, info: Tag, level: _Level, walk: _Walk) -> None:
-    """One element into `level`: a column, an OtherElements entry, or a sequence's RECORD."""
-    vr: Any = None
-    values: Any = FALLBACK
+def _read(
+    ds: pydicom.Dataset, tag: int, elem: Any, info: Tag, level: _Level, walk: _Walk
+) -> tuple[Any, Any] | None:
+    """An element's VR and values (None if it has none): decoded from its raw bytes where this
+    module can, else converted by pydicom. None for a sequence, which _sequence adds itself;
+    _Dropped for an element the row leaves out."""
     if type(elem) is RawDataElement:
-        vr, values = _raw(elem, info, level, walk)
-        if values is FALLBACK:
-            elem = ds[tag]  # pydicom's conversion, with its validation
-    if values is FALLBACK:
-        vr = elem.VR
-        if " or " in vr:  # left ambiguous by pydicom
-            vr = "OW" if isinstance(elem.value, bytes) else vr.split(" or ")[0]
-        if vr in walk.excluded:
-            raise _Dropped(EXCLUDED_VR)
-        if vr == "SQ":
-            _sequence(elem, info, level, walk)
-            return
-        if vr not in TYPE_BY_VR:
-            raise Invalid(vr)
-        values = element_values(elem)
-        if values is not None and value_size(values) > MAX_VALUE_BYTES:
-            raise _Dropped(TOO_LARGE)
-    if info.kind == OTHER:
-        data = [] if values is None else [to_string(v, vr) for v in values]
-        level.others.append({"Tag": info.name, "Data": data})
-        return
-    if info.col_type in ("SQ", ""):
-        raise Invalid(vr)  # e.g. an LO where the dictionary has a sequence
-    value = None if values is None else column_value(values, vr, info.col_type, info.repeated)
-    _set(level, tag, info, value, cast(dict, info.field))  # a column of these types has a field
-
-
-def _raw(elem: RawDataElement, info: Tag, level: _Level, walk: _Walk) -> tuple[str | None, Any]:
-    """The VR and values of an element still in its file's bytes; FALLBACK for pydicom to convert."""
-    vr = elem.VR or info.implicit_vr
-    if elem.value is None and elem.length:  # left unread by the header reader: too large
-        raise _Dropped(EXCLUDED_VR if vr in walk.excluded else TOO_LARGE)
-    if vr is None or vr == "UN":  # pydicom replaces a UN it knows better
-        return vr, FALLBACK
+        vr = elem.VR or info.implicit_vr
+        if elem.value is None and elem.length:  # left unread by the header reader: too large
+            raise _Dropped(EXCLUDED_VR if vr in walk.excluded else TOO_LARGE)
+        if vr is not None and vr != "UN":  # pydicom replaces a UN it knows better
+            if vr in walk.excluded:
+                raise _Dropped(EXCLUDED_VR)
+            if vr in RAW_DECODED_VRS:
+                if elem.value and len(elem.value) > MAX_VALUE_BYTES:
+                    raise _Dropped(TOO_LARGE)
+                values = raw_values(elem, vr, level.encodings)
+                if values is not FALLBACK:
+                    return vr, values
+        elem = ds[tag]  # pydicom's conversion, with its validation
+    vr = elem.VR
+    if " or " in vr:  # left ambiguous by pydicom
+        vr = "OW" if isinstance(elem.value, bytes) else vr.split(" or ")[0]
     if vr in walk.excluded:
         raise _Dropped(EXCLUDED_VR)
-    if vr not in RAW_DECODED_VRS:
-        return vr, FALLBACK
-    if elem.value and len(elem.value) > MAX_VALUE_BYTES:
+    if vr == "SQ":
+        _sequence(elem, info, level, walk)
+        return None
+    if vr not in TYPE_BY_VR:
+        raise Invalid(vr)
+    values = element_values(elem)
+    if values is not None and value_size(values) > MAX_VALUE_BYTES:
         raise _Dropped(TOO_LARGE)
-    return vr, raw_values(elem, vr, level.encodings)
-
-
-def _set(level: _Level, tag: int, info: Tag, value: Any, column: dict) -> None:
-    """A column's value; a repeating group's entries are gathered under its keyword."""
-    name = info.name
-    if info.kind == GROUP_REPEATER:
-        entries = level.row.get(name)
-        if entries is None:
-            entries = level.row[name] = []
-            level.fields[name] = repeating_group_field(tag, info, column)
-        entries.append({"Id": info.group_id, "Value": value})
-    elif name in level.row:
-        raise _Dropped(INVALID_VALUE)  # a second attribute with the same keyword
-    else:
-        level.row[name] = value
-        level.fields[name] = column
+    return vr, values
 
 
 def _sequence(elem: DataElement, info: Tag, level: _Level, walk: _Walk) -> None:
