@@ -49,6 +49,7 @@ $(AIRFLOW_VENV)/.installed:
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 test: system-packages lint $(AIRFLOW_VENV)/.installed
 	$(BIN)/python -m pytest

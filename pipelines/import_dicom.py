@@ -10,29 +10,17 @@ Healthcare API store.
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
-from collections.abc import Sequence
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from dicomlib.wildcard import Pattern, PatternError, parse_pattern
-from pipelines.options import (
-    OptionError,
-    SharedOptions,
-    check_destinations,
-    check_metadata_options,
-    check_not_url_like,
-    check_store,
-    dead_letter_location,
-    parse_options,
-    repeated,
-)
-from pipelines.run import execute, failure_reasons, run_name
-from storage.store import ALREADY_PRESENT, STORAGE_CLASSES, SUCCESS
-from storage.stores import store_kind
+from dicomlib.wildcard import parse_pattern
+from pipelines.options.base import EtlOptions
+from pipelines.options.groups import DeadLetter, DicomwebWrites, Input, RowsOfRun, StoreToImport
+from pipelines.pipeline import Pipeline
+from pipelines.run_log import run_name
+from storage.store import ALREADY_PRESENT, SUCCESS
 from transforms.dead_letter import DEAD_LETTER, WriteDeadLetters
 from transforms.expand import ExpandPatterns
 from transforms.metadata_rows import RowsOfImported, WithoutCurrentRow
@@ -40,106 +28,14 @@ from transforms.progress import Count, count_failures
 from transforms.store_instances import ParseInstances, WriteInstances
 from transforms.write_metadata import WriteMetadata
 
+GROUPS = (Input, StoreToImport, DicomwebWrites, RowsOfRun, DeadLetter)
 ROWS_CHECKED = 10_000  # already-present instances whose rows one look at a destination checks
-
-
-class ImportDicomOptions(PipelineOptions):
-    @classmethod
-    def _add_argparse_args(cls, parser) -> None:
-        parser.add_argument(
-            "--input",
-            action="append",
-            help="A local or gs:// pattern with the wildcards *, ? and a final ** (repeatable).",
-        )
-        parser.add_argument(
-            "--storage_class",
-            help="STANDARD, NEARLINE, COLDLINE or ARCHIVE: the Storage-Class header sent on STOW-RS.",
-        )
-        parser.add_argument(
-            "--verify_stored",
-            nargs="?",
-            const=True,
-            default=False,
-            type=_flag,
-            help="DICOMweb stores: after each STOW-RS, check with QIDO-RS that every instance the "
-            "server acknowledged is there (for servers that may drop what they acknowledge).",
-        )
-        parser.add_argument(
-            "--max_requests_in_flight",
-            type=int,
-            help="DICOMweb stores: the most requests each worker process has out at once, to keep "
-            "within a per-minute quota (default: no cap beyond the writers' own).",
-        )
-
-
-# The options this pipeline takes, for its Dataflow template: name -> required. The template's metadata.json
-# must list exactly these (tests/test_templates.py checks both against the parser).
-OPTIONS: dict[str, bool] = {
-    "input": True,
-    "store": True,
-    "storage_class": False,
-    "verify_stored": False,
-    "max_requests_in_flight": False,
-    "dead_letter": False,
-    "metadata_destination": False,
-    "max_columns": False,
-    "exclude_vr": False,
-}
-
-
-def _flag(text: str) -> bool:
-    """`--verify_stored`, or `--verify_stored=true|false` as a template launch passes it."""
-    if text.lower() not in ("true", "false"):
-        raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
-    return text.lower() == "true"
-
-
-def parse(argv: Sequence[str]) -> PipelineOptions:
-    """Parse and check every option before any work; OptionError names the bad one."""
-    options = parse_options(argv, ImportDicomOptions, OPTIONS)
-    mine = options.view_as(ImportDicomOptions)
-    shared = options.view_as(SharedOptions)
-    if not repeated(mine.input):
-        raise OptionError("input", "required: at least one file pattern")
-    mine.input = [_pattern(text).text for text in repeated(mine.input)]
-    shared.store = check_store("store", shared.store, options, must_exist=False)
-    if mine.storage_class is not None:
-        mine.storage_class = mine.storage_class.upper()
-        if mine.storage_class not in STORAGE_CLASSES:
-            raise OptionError("storage_class", f"must be one of {', '.join(STORAGE_CLASSES)}")
-        if store_kind(shared.store) == "files":
-            raise OptionError("storage_class", "applies to DICOMweb and Cloud Healthcare API stores only")
-    if mine.verify_stored and store_kind(shared.store) == "files":
-        raise OptionError("verify_stored", "applies to DICOMweb and Cloud Healthcare API stores only")
-    if mine.max_requests_in_flight is not None:
-        if mine.max_requests_in_flight < 1:
-            raise OptionError("max_requests_in_flight", "must be a positive number")
-        if store_kind(shared.store) == "files":
-            raise OptionError(
-                "max_requests_in_flight", "applies to DICOMweb and Cloud Healthcare API stores only"
-            )
-    shared.metadata_destination = check_destinations(
-        "metadata_destination", shared.metadata_destination, options
-    )
-    check_metadata_options(options)
-    shared.dead_letter = dead_letter_location(options, shared.dead_letter)
-    return options
-
-
-def _pattern(text: str) -> Pattern:
-    """Validate a pattern; local ones are made absolute so every worker reads the same files."""
-    check_not_url_like("input", text)
-    try:
-        pattern = parse_pattern(text)
-    except PatternError as error:
-        raise OptionError("input", str(error)) from None
-    return pattern if pattern.is_gcs else parse_pattern(os.path.abspath(text))
 
 
 def build(pipeline: beam.Pipeline, options: PipelineOptions) -> None:
     """Construct the import; no listing or other I/O happens here."""
-    mine, shared = options.view_as(ImportDicomOptions), options.view_as(SharedOptions)
-    patterns = [parse_pattern(text) for text in mine.input]
+    values = options.view_as(EtlOptions)
+    patterns = [parse_pattern(text) for text in values.input]
     expanded = (
         pipeline
         | "Patterns" >> beam.Create(patterns)
@@ -157,27 +53,29 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions) -> None:
         | "BySopInstanceUid" >> beam.GroupByKey()
         | "Store"
         >> beam.ParDo(
-            WriteInstances(shared.store, mine.storage_class, mine.verify_stored, mine.max_requests_in_flight)
+            WriteInstances(
+                values.store, values.storage_class, values.verify_stored, values.max_requests_in_flight
+            )
         ).with_outputs(DEAD_LETTER, main="stored")
     )
     failures = [expanded[DEAD_LETTER], parsed[DEAD_LETTER], stored[DEAD_LETTER]]
     name = run_name("import_dicom")
-    if shared.metadata_destination:
-        failures += _write_rows(stored.stored, shared, mine, name)
+    if values.metadata_destination:
+        failures += _write_rows(stored.stored, values, name)
     _ = (
         count_failures(failures)
         | "AllFailures" >> beam.Flatten()
-        | "DeadLetter" >> WriteDeadLetters(shared.dead_letter, name)
+        | "DeadLetter" >> WriteDeadLetters(values.dead_letter, name)
     )
 
 
-def _write_rows(
-    stored: beam.PCollection[dict], shared: SharedOptions, mine: ImportDicomOptions, name: str
-) -> list[beam.PCollection]:
+def _write_rows(stored: beam.PCollection[dict], values: EtlOptions, name: str) -> list[beam.PCollection]:
     """One CREATE row per newly stored instance, as the Healthcare API's streaming does, to every
     destination; and, to each destination, rows for the already-present instances it has no
     current row for (a run stopped between storing and writing rows): the dead letters."""
-    rows_of = RowsOfImported(shared.store, shared.exclude_vr, mine.storage_class, mine.max_requests_in_flight)
+    rows_of = RowsOfImported(
+        values.store, values.exclude_vr, values.storage_class, values.max_requests_in_flight
+    )
     new = (
         stored
         | "NewlyStored" >> beam.Filter(lambda record: record["outcome"] == SUCCESS)
@@ -190,7 +88,7 @@ def _write_rows(
         | "PresentBatches" >> beam.BatchElements(min_batch_size=ROWS_CHECKED, max_batch_size=ROWS_CHECKED)
     )
     failures = [new[DEAD_LETTER]]
-    for number, destination in enumerate(shared.metadata_destination, start=1):
+    for number, destination in enumerate(values.metadata_destination, start=1):
         label = f"Destination{number}"
         restored = (
             present
@@ -201,27 +99,27 @@ def _write_rows(
         _ = (
             (new.rows, restored.rows)
             | f"{label}AllRows" >> beam.Flatten()
-            | f"{label}Write" >> WriteMetadata([destination], "WRITE_APPEND", shared.max_columns, name)
+            | f"{label}Write" >> WriteMetadata([destination], "WRITE_APPEND", values.max_columns, name)
         )
     return failures
 
 
-def summarize(counts: dict[str, int]) -> tuple[dict[str, object], bool]:
-    """matched = success + already_present + failure; unmatched patterns also fail the run."""
-    keys = ("matched", "success", "already_present", "failure", "unmatched_patterns")
-    summary: dict[str, object] = {key: counts.get(key, 0) for key in keys}
-    summary["failure_reasons"] = failure_reasons(counts)
-    summary["bytes_read"] = counts.get("bytes_read", 0)
-    summary["bytes_stored"] = counts.get("bytes_stored", 0)
-    summary["metadata_rows"] = counts.get("metadata_rows", 0)
-    summary["metadata_rows_restored"] = counts.get("metadata_rows_restored", 0)
-    summary["metadata_failures"] = counts.get("metadata_failures", 0)
-    return summary, bool(summary["failure"] or summary["unmatched_patterns"] or summary["metadata_failures"])
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    return execute("import_dicom", sys.argv[1:] if argv is None else argv, parse, build, summarize)
-
+# matched = success + already_present + failure; a pattern that matched nothing or a row that could not
+# be made also fails the run (exit 3)
+SUMMARY = (
+    "matched",
+    "success",
+    "already_present",
+    "failure",
+    "unmatched_patterns",
+    "bytes_read",
+    "bytes_stored",
+    "metadata_rows",
+    "metadata_rows_restored",
+    "metadata_failures",
+)
+PIPELINE = Pipeline("import_dicom", __doc__, GROUPS, build, SUMMARY)
+OPTIONS, parse, main = PIPELINE.options, PIPELINE.parse, PIPELINE.main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -78,7 +78,7 @@ class MultipartBody(io.RawIOBase):
         self._close_source()
         super().close()
 
-    def readinto(self, buffer) -> int:  # type: ignore[override]
+    def readinto(self, buffer) -> int:
         if self.position >= len(self):
             return 0
         number = bisect.bisect_right(self.starts, self.position) - 1

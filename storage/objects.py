@@ -113,7 +113,7 @@ class RangedFile(io.RawIOBase):
         self.position = max(0, base + offset)
         return self.position
 
-    def readinto(self, buffer) -> int:  # type: ignore[override]
+    def readinto(self, buffer) -> int:
         count = min(len(buffer), self.size - self.position)
         if count <= 0:
             return 0

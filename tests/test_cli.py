@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from pipelines import delete_dicom, export_dicom, export_metadata, import_dicom
-from pipelines.options import OptionError
+from pipelines.options.base import OptionError
+from pipelines.summary import failure_line, summarize
 from tests.command_line import ENTRIES, SAMPLE, Place, SilentServer, interrupted_import
 from tests.orthanc_server import Orthanc
 
@@ -373,11 +374,8 @@ def test_an_option_for_dicomweb_stores_is_refused_on_a_file_layout_store(place: 
 
 def test_the_exit_3_line_counts_metadata_rows_that_could_not_be_made() -> None:
     """A stored instance whose row fails is no failed file: the line says so, with its reason."""
-    from pipelines.import_dicom import summarize
-    from pipelines.run import failure_line
-
     counts = {"matched": 3, "success": 3, "metadata_failures": 1, "failure_read_error": 1}
-    summary, failed = summarize(counts)
+    summary, failed = summarize(import_dicom.SUMMARY, counts)
 
     assert failed
     assert failure_line(summary, "/srv/dl") == (
