@@ -55,7 +55,7 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions) -> None:
 # selected = success (deleted) + failure; a target that matched nothing also fails the run (exit 3)
 SUMMARY = ("selected", "success", "failure", "unmatched_targets", "metadata_rows")
 PIPELINE = Pipeline("delete_dicom", __doc__, GROUPS, build, SUMMARY)
-OPTIONS, parse, main = PIPELINE.options, PIPELINE.parse, PIPELINE.main
+main = PIPELINE.main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -59,7 +59,7 @@ SUMMARY = (
     "bytes_through_worker",
 )
 PIPELINE = Pipeline("export_dicom", __doc__, GROUPS, build, SUMMARY)
-OPTIONS, parse, main = PIPELINE.options, PIPELINE.parse, PIPELINE.main
+main = PIPELINE.main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -66,7 +66,7 @@ SUMMARY = (
     "dicom_stream_warnings",
 )
 PIPELINE = Pipeline("export_metadata", __doc__, GROUPS, build, SUMMARY)
-OPTIONS, parse, main = PIPELINE.options, PIPELINE.parse, PIPELINE.main
+main = PIPELINE.main
 
 if __name__ == "__main__":
     sys.exit(main())

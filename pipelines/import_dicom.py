@@ -119,7 +119,7 @@ SUMMARY = (
     "metadata_failures",
 )
 PIPELINE = Pipeline("import_dicom", __doc__, GROUPS, build, SUMMARY)
-OPTIONS, parse, main = PIPELINE.options, PIPELINE.parse, PIPELINE.main
+main = PIPELINE.main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -422,7 +422,7 @@ def test_import_into_a_dicomweb_store_reports_the_storage_class_it_asked_for(
 
 
 def test_a_bigquery_destination_builds_without_network_or_credentials() -> None:
-    options = export_metadata.parse(
+    options = export_metadata.PIPELINE.parse(
         [
             "--store=gs://no-such-bucket/store",
             "--destination=bq://my-project.imaging.instances",

@@ -62,8 +62,9 @@ def test_help_lists_the_pipelines_own_options(place: Place, entry: str, pipeline
     assert (result.status, result.stderr) == (0, "")
     text = " ".join(result.stdout.split())
     listed = set(re.findall(r"^ {2}(?:-h, )?(--\w+)", result.stdout, flags=re.MULTILINE))
-    assert listed == {f"--{option}" for option in PIPELINES[pipeline].OPTIONS} | {"--verbose", "--help"}
-    for option, required in PIPELINES[pipeline].OPTIONS.items():
+    options = PIPELINES[pipeline].PIPELINE.options
+    assert listed == {f"--{option}" for option in options} | {"--verbose", "--help"}
+    for option, required in options.items():
         block = re.search(rf"^ {{2}}--{option}\b.*?(?=^ {{2}}-|\Z)", result.stdout, re.MULTILINE | re.DOTALL)
         assert block and len(block[0].split()) > 4, f"--{option} has no help text"
         assert ("Required." in block[0]) is required, option
@@ -145,9 +146,11 @@ def test_beam_and_dataflow_options_pass_through(place: Place) -> None:
         "--labels=goog-dataflow-provided-template-type=flex",
         "--dataflow_service_options=enable_prime",
     ]
-    import_dicom.parse([*dataflow, "--input=gs://landing/**.dcm", "--store=gs://archive/store"])
+    import_dicom.PIPELINE.parse([*dataflow, "--input=gs://landing/**.dcm", "--store=gs://archive/store"])
     with pytest.raises(OptionError, match="--storage_clas: unknown option"):
-        import_dicom.parse([*dataflow, "--input=gs://l/**", "--store=gs://a/s", "--storage_clas=COLDLINE"])
+        import_dicom.PIPELINE.parse(
+            [*dataflow, "--input=gs://l/**", "--store=gs://a/s", "--storage_clas=COLDLINE"]
+        )
 
 
 # 3. Values of the wrong type

@@ -211,7 +211,7 @@ def argv(name: str, **values: str) -> list[str]:
 def examples(kind: str) -> list:
     cases = []
     for name, module in PIPELINES.items():
-        for option in module.OPTIONS:
+        for option in module.PIPELINE.options:
             for value in getattr(EXAMPLES[option], kind):
                 cases.append(pytest.param(name, option, value, id=f"{name}-{option}-{value!r}"))
     return cases
@@ -229,15 +229,15 @@ def filter_in_gcs(gcs: storage.Client) -> str:
 @pytest.mark.parametrize("name", PIPELINES)
 def test_required_options_are_required(name: str) -> None:
     module = PIPELINES[name]
-    module.parse(argv(name))
-    for option in [option for option, required in module.OPTIONS.items() if required]:
+    module.PIPELINE.parse(argv(name))
+    for option in [option for option, required in module.PIPELINE.options.items() if required]:
         with pytest.raises(OptionError, match=f"--{option}:"):
-            module.parse(argv(name, **{option: None}))
+            module.PIPELINE.parse(argv(name, **{option: None}))
 
 
 def test_delete_needs_a_target_or_a_filter_file() -> None:
     with pytest.raises(OptionError, match="--target: give either"):
-        delete_dicom.parse(argv("delete_dicom", target=None))
+        delete_dicom.PIPELINE.parse(argv("delete_dicom", target=None))
 
 
 @pytest.mark.parametrize("name", PIPELINES)
@@ -266,7 +266,7 @@ def test_an_option_has_one_regex_in_every_template() -> None:
 
 def test_every_option_has_examples() -> None:
     for module in PIPELINES.values():
-        for option in module.OPTIONS:
+        for option in module.PIPELINE.options:
             assert EXAMPLES[option].valid and EXAMPLES[option].invalid, option
 
 
@@ -275,7 +275,7 @@ def test_valid_values_pass_regex_and_parser(name: str, option: str, value: str, 
     assert regex(name, option).fullmatch(value)
     if option == "filter_file":
         request.getfixturevalue("filter_in_gcs")
-    PIPELINES[name].parse(argv(name, **{option: value}))
+    PIPELINES[name].PIPELINE.parse(argv(name, **{option: value}))
 
 
 @pytest.mark.parametrize(("name", "option", "value"), examples("invalid"))
@@ -284,13 +284,13 @@ def test_invalid_values_fail_regex_and_parser(name: str, option: str, value: str
     if option == "filter_file":
         request.getfixturevalue("filter_in_gcs")
     with pytest.raises((OptionError, SystemExit)):  # SystemExit: argparse's own refusal, also exit 2
-        PIPELINES[name].parse(argv(name, **{option: value}))
+        PIPELINES[name].PIPELINE.parse(argv(name, **{option: value}))
 
 
 @pytest.mark.parametrize(("name", "option", "value"), examples("local"))
 def test_local_paths_pass_only_the_parser(name: str, option: str, value: str) -> None:
     assert not regex(name, option).fullmatch(value)
-    PIPELINES[name].parse(argv(name, **{option: value}))
+    PIPELINES[name].PIPELINE.parse(argv(name, **{option: value}))
 
 
 LAUNCHES = {
@@ -329,7 +329,7 @@ def test_launcher_builds_without_io(
     bucket's soft-delete policy (a warning only); everything of ours runs as on the launcher."""
     module = PIPELINES[name]
     launch = [f"--template_location={tmp_path}/job_object", "--dry_run=true"]
-    options = module.parse(argv(name, **LAUNCHES[name]) + launch)
+    options = module.PIPELINE.parse(argv(name, **LAUNCHES[name]) + launch)
     attempts: list[object] = []
 
     def refuse(*args: object, **kwargs: object) -> None:
@@ -362,10 +362,11 @@ def test_launcher_runs_the_launched_templates_pipeline(capsys: pytest.CaptureFix
     """Each template's parameters, all of them or its required ones, lead to its own pipeline."""
     launch = launcher()
     for marker, name in launch.MARKERS.items():  # each marker is one pipeline's own required option
-        assert [other for other, module in PIPELINES.items() if marker in module.OPTIONS] == [name]
-        assert PIPELINES[name].OPTIONS[marker] is True
+        assert [other for other, module in PIPELINES.items() if marker in module.PIPELINE.options] == [name]
+        assert PIPELINES[name].PIPELINE.options[marker] is True
     for name, module in PIPELINES.items():
-        everything = argv(name) + [f"--{option}=x" for option in module.OPTIONS if option not in BASE[name]]
+        others = [option for option in module.PIPELINE.options if option not in BASE[name]]
+        everything = argv(name) + [f"--{option}=x" for option in others]
         assert launch.pipeline_for(argv(name)) == launch.pipeline_for(everything) == name
     assert launch.pipeline_for(DATAFLOW + ["--filter_file=gs://f/x.txt", "--store=gs://s"]) == "delete_dicom"
     with pytest.raises(ValueError, match="export_dicom and import_dicom"):
