@@ -177,8 +177,8 @@ def test_local_dag_runs_the_modules(loaded: dict) -> None:
         task = tasks[name]
         assert task["type"] == "LocalPipeline" and task["runner"] == "DirectRunner"
         assert task["command"][1:] == ["-m", f"pipelines.{name}"]
-        required = {option for option, needed in module.OPTIONS.items() if needed}
-        assert required <= set(task["options"]) <= set(module.OPTIONS)
+        required = {option for option, needed in module.PIPELINE.options.items() if needed}
+        assert required <= set(task["options"]) <= set(module.PIPELINE.options)
 
 
 def test_local_dag_imports_and_archives_the_days_studies(tmp_path: Path) -> None:
