@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from pipelines import progress_lines
 from pipelines.interrupt import exit_on_interrupt
 from pipelines.options.base import EtlOptions, HelpRequested, OptionError, is_local
 from pipelines.run_log import LOGGER, RunLog
 from pipelines.summary import counters, failure_line, launched, so_far, summarize
-from transforms import progress
 
 if TYPE_CHECKING:
     from pipelines.pipeline import Pipeline
@@ -55,7 +55,7 @@ def execute(pipeline: Pipeline, argv: Sequence[str]) -> int:
 
 def _run(pipeline: Pipeline, options: PipelineOptions, log: RunLog) -> int:
     """A local run, with progress lines; exit 0, 3 or 1."""
-    reporter = progress.Reporter(pipeline.name)
+    reporter = progress_lines.Reporter(pipeline.name)
 
     def interrupted() -> int:
         status = _failed("interrupted (Ctrl-C)", reporter.counts(), pipeline, log)

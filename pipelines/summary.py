@@ -10,6 +10,7 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
 
 from dicomlib import NAMESPACE
+from pipelines import progress_lines
 from transforms import progress
 
 # Counters that fail the run (exit 3) when they are not 0; also any unmatched_* one.
@@ -28,7 +29,7 @@ def so_far(keys: Sequence[str], counts: dict[str, int]) -> dict[str, Any]:
     """The summary of a run that did not finish: its keys that the progress counts know (and always
     success, failure and failure_reasons)."""
     unmatched = counts.get(progress.NOT_AN_ITEM, 0)
-    failed = progress.done(counts) - sum(counts.get(key, 0) for key in progress.SUCCEEDED)
+    failed = progress_lines.done(counts) - sum(counts.get(key, 0) for key in progress.SUCCEEDED)
     metrics = counts | {"failure": failed, "unmatched_patterns": unmatched, "unmatched_targets": unmatched}
     summary, _ = summarize(keys, metrics)
     return {

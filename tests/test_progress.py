@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.progress_lines import Reporter
 from tests.command_line import SAMPLE, Place, SilentServer, interrupted_import
-from transforms.progress import Reporter
 
 
 def lines(reporter: Reporter, samples: list[tuple[float, dict[str, int]]]) -> list[str]:
