@@ -7,42 +7,82 @@
 # Settings, from the environment:
 #   PROJECT, REGION   the Google Cloud project and the Dataflow region
 #   BUCKET            gs://bucket[/prefix] for the template specs (templates/), staging/ and tmp/
-#   IMAGE             optional; default REGION-docker.pkg.dev/PROJECT/dicom-etl/dicom-etl:latest (the
-#                     Artifact Registry repository must exist; `gcloud auth configure-docker` for push)
+#   REPOSITORY        optional; the image's name without a tag, default
+#                     REGION-docker.pkg.dev/PROJECT/dicom-etl/dicom-etl (the Artifact Registry
+#                     repository must exist; `gcloud auth configure-docker REGION-docker.pkg.dev` to push)
+#   IMAGE             optional; build: default REPOSITORY:COMMIT, the checkout's commit (12 hex digits);
+#                     run: default the image of the template spec, the one it was built with
 #   JOB_NAME          optional, for run; default the pipeline's name and the time
+#
+# `build` tags the image with the commit it is built from, so a tag always names the same code: it
+# refuses a checkout whose image files differ from the commit (commit first), builds for linux/amd64
+# (Dataflow's workers), and builds and pushes nothing when the registry has that tag already. It ends
+# with the image's name: give it to the Airflow DAG (`dicom_etl_image`) as the workers' image.
 # `run` submits the job and returns: gcloud prints the job's id and state, nothing waits for the job.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PIPELINES="import_dicom export_dicom export_metadata delete_dicom"
+# What goes into the image and the template specs.
+IMAGE_FILES="pyproject.toml setup.py README.md pipelines transforms schemas templates/launch.py
+  templates/Dockerfile templates/Dockerfile.dockerignore templates/*/metadata.json"
 : "${PROJECT:?set PROJECT}" "${REGION:?set REGION}" "${BUCKET:?set BUCKET to gs://bucket}"
-IMAGE=${IMAGE:-$REGION-docker.pkg.dev/$PROJECT/dicom-etl/dicom-etl:latest}
+REPOSITORY=${REPOSITORY:-$REGION-docker.pkg.dev/$PROJECT/dicom-etl/dicom-etl}
 BUCKET=${BUCKET%/}
 
+commit_tag() {
+  # shellcheck disable=SC2086 # IMAGE_FILES is a list of paths and globs
+  if [ -n "$(git status --porcelain --untracked-files=all -- $IMAGE_FILES)" ]; then
+    echo "the checkout differs from its commit in files of the image; commit them first:" >&2
+    # shellcheck disable=SC2086
+    git status --short --untracked-files=all -- $IMAGE_FILES >&2
+    exit 1
+  fi
+  git rev-parse --short=12 HEAD
+}
+
 build() {
-  docker build -f templates/Dockerfile -t "$IMAGE" .
-  docker push "$IMAGE"
+  local image tag
+  if [ -n "${IMAGE:-}" ]; then
+    image=$IMAGE
+  else
+    tag=$(commit_tag)
+    image=$REPOSITORY:$tag
+  fi
+  if docker manifest inspect "$image" >/dev/null 2>&1; then
+    echo "$image is in the registry already: not rebuilt" >&2
+  else
+    docker build --platform linux/amd64 -f templates/Dockerfile -t "$image" .
+    docker push "$image"
+  fi
   for pipeline in $PIPELINES; do
     gcloud dataflow flex-template build "$BUCKET/templates/$pipeline.json" \
       --project="$PROJECT" \
-      --image="$IMAGE" \
+      --image="$image" \
       --sdk-language=PYTHON \
       --metadata-file="templates/$pipeline/metadata.json"
   done
+  echo "$image"
 }
 
 run() {
   local pipeline=${1:?usage: templates/flex.sh run PIPELINE name=value ...}
   shift
   case " $PIPELINES " in *" $pipeline "*) ;; *) echo "unknown pipeline: $pipeline" >&2; exit 2 ;; esac
+  local spec="$BUCKET/templates/$pipeline.json" image
+  # The workers boot from the launcher's own image: the one the template spec names.
+  if [ -n "${IMAGE:-}" ]; then
+    image=$IMAGE
+  else
+    image=$(gcloud storage cat "$spec" | python3 -c 'import json, sys; print(json.load(sys.stdin)["image"])')
+  fi
   # gcloud splits --parameters at commas, which list values use (input=a,b): ^~^ makes ~ the delimiter.
-  # sdk_container_image makes the workers boot from the launcher's own image.
-  local parameters="^~^sdk_container_image=$IMAGE"
+  local parameters="^~^sdk_container_image=$image"
   for parameter in "$@"; do parameters+="~$parameter"; done
   gcloud dataflow flex-template run "${JOB_NAME:-${pipeline//_/-}-$(date -u +%Y%m%d-%H%M%S)}" \
     --project="$PROJECT" \
     --region="$REGION" \
-    --template-file-gcs-location="$BUCKET/templates/$pipeline.json" \
+    --template-file-gcs-location="$spec" \
     --staging-location="$BUCKET/staging" \
     --temp-location="$BUCKET/tmp" \
     --parameters="$parameters"

@@ -5,14 +5,21 @@ Each templates/<pipeline>/metadata.json must list exactly the options of its pip
 the values the parser accepts on Dataflow: gs:// locations, DICOMweb URLs and Healthcare API stores.
 Local paths, which the parser accepts, are refused there: a launcher's or worker's disk is gone after
 the job. And the launcher's work, parse and build, must do no I/O beyond reading the filter file once.
+
+The image (templates/Dockerfile) starts from pinned bases for linux/amd64 and holds the project, and
+templates/flex.sh tags it with its commit: checked on the Dockerfile's text and by running flex.sh in a
+git checkout with stand-ins for docker and gcloud that log their calls (there is no registry here).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
+import shutil
 import socket
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -412,3 +419,165 @@ def test_template_launch_submits_and_exits_0(
     assert gcs.bucket("dicom-etl-staging").blob(job[len("gs://dicom-etl-staging/") :]).exists()
     assert status == 0, capsys.readouterr().err[-2000:]
     assert set(json.loads(capsys.readouterr().out.strip().splitlines()[-1])) >= {"job_id", "state"}
+
+
+DOCKERFILE = TEMPLATES / "Dockerfile"
+FLEX_SH = TEMPLATES / "flex.sh"
+
+
+def dockerfile_bases() -> list[str]:
+    """The images the Dockerfile's stages start from, its ARG defaults substituted."""
+    text = DOCKERFILE.read_text()
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)$", text, re.MULTILINE))
+    froms = re.findall(r"^FROM (?:--platform=(\S+) )?(\S+)", text, re.MULTILINE)
+    assert all(platform == "linux/amd64" for platform, _ in froms), froms  # Dataflow workers are x86-64
+    return [re.sub(r"\$\{(\w+)\}", lambda match: args[match.group(1)], image) for _, image in froms]
+
+
+def test_the_image_starts_from_pinned_bases() -> None:
+    """A mutable tag (`:latest`, or none) would let a rebuild of the same commit take other code."""
+    launcher, beam_sdk = dockerfile_bases()
+    assert re.fullmatch(
+        r"gcr\.io/dataflow-templates-base/python311-template-launcher-base:\d{8}_RC\d\d", launcher
+    )
+    assert re.fullmatch(r"apache/beam_python3\.11_sdk:\d+\.\d+\.\d+", beam_sdk)
+
+
+def test_the_image_installs_the_project_once_for_launcher_and_workers() -> None:
+    """As Google's sample does: the package and its dependencies are in the image, built by a pinned
+    setuptools and checked by `pip check`; no FLEX_TEMPLATE_PYTHON_SETUP_FILE, so that no worker
+    builds and installs it again at start."""
+    text = DOCKERFILE.read_text()
+    [setuptools] = re.findall(r"'setuptools==(\d+\.\d+\.\d+)'", text)
+    assert tuple(map(int, setuptools.split("."))) >= (77, 0, 0)  # the SPDX license string
+    assert "pip install --no-cache-dir --no-build-isolation /template" in text
+    assert "&& pip check" in text
+    assert "ENV FLEX_TEMPLATE_PYTHON_PY_FILE=/template/templates/launch.py" in text
+    assert not re.search(
+        r"^ENV (FLEX_TEMPLATE_PYTHON_SETUP_FILE|FLEX_TEMPLATE_PYTHON_REQUIREMENTS_FILE|PIP_)",
+        text,
+        re.MULTILINE,
+    )
+    assert 'ENTRYPOINT ["/opt/apache/beam/boot"]' in text
+
+
+# A template spec as `gcloud dataflow flex-template build` writes it (the parts flex.sh reads).
+SPEC = {
+    "image": "europe-west4-docker.pkg.dev/p/dicom-etl/dicom-etl:0123456789ab",
+    "sdkInfo": {"language": "PYTHON"},
+}
+STUB = """#!/usr/bin/env bash
+# {tool}, as flex.sh calls it: each call is logged; nothing is built, pushed or launched.
+echo "{tool} $*" >> "$STUB_LOG"
+case "$*" in
+  "manifest inspect "*) [ "${{STUB_IN_REGISTRY:-}}" = yes ] ;;
+  "storage cat "*) echo '{spec}' ;;
+esac
+"""
+
+
+@pytest.fixture
+def checkout(tmp_path: Path) -> Path:
+    """A git checkout of the files flex.sh works on, committed, with docker and gcloud stubs."""
+    root = tmp_path / "checkout"
+    root.mkdir()
+    for name in ("pyproject.toml", "setup.py", "README.md"):
+        shutil.copy(TEMPLATES.parent / name, root / name)
+    for name in ("pipelines", "transforms", "schemas", "templates"):
+        shutil.copytree(TEMPLATES.parent / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    git = [
+        "git",
+        "-C",
+        str(root),
+        "-c",
+        "user.name=t",
+        "-c",
+        "user.email=t@example.org",
+        "-c",
+        "commit.gpgsign=false",
+    ]
+    subprocess.run(["git", "init", "-q", str(root)], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "the checkout"], check=True)
+    (tmp_path / "bin").mkdir()
+    for tool in ("docker", "gcloud"):
+        (tmp_path / "bin" / tool).write_text(STUB.format(tool=tool, spec=json.dumps(SPEC)))
+        (tmp_path / "bin" / tool).chmod(0o755)
+    return root
+
+
+def flex(checkout: Path, *args: str, **env: str) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    log = checkout.parent / "calls.log"
+    log.unlink(missing_ok=True)
+    environment = dict(
+        os.environ, PROJECT="p", REGION="europe-west4", BUCKET="gs://b/dicom-etl/", STUB_LOG=str(log)
+    )
+    environment["PATH"] = f"{checkout.parent / 'bin'}:{os.environ['PATH']}"
+    environment.update(env)
+    done = subprocess.run(
+        ["bash", str(checkout / "templates" / "flex.sh"), *args],
+        env=environment,
+        capture_output=True,
+        text=True,
+    )
+    return done, log.read_text().splitlines() if log.exists() else []
+
+
+def test_flex_sh_is_valid_bash() -> None:
+    subprocess.run(["bash", "-n", str(FLEX_SH)], check=True)
+
+
+def test_build_tags_the_image_with_its_commit_for_linux_amd64(checkout: Path) -> None:
+    commit = subprocess.run(
+        ["git", "-C", str(checkout), "rev-parse", "--short=12", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    image = f"europe-west4-docker.pkg.dev/p/dicom-etl/dicom-etl:{commit}"
+    done, calls = flex(checkout, "build")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == image
+    assert calls[:3] == [
+        f"docker manifest inspect {image}",
+        f"docker build --platform linux/amd64 -f templates/Dockerfile -t {image} .",
+        f"docker push {image}",
+    ]
+    assert calls[3:] == [
+        f"gcloud dataflow flex-template build gs://b/dicom-etl/templates/{name}.json --project=p "
+        f"--image={image} --sdk-language=PYTHON --metadata-file=templates/{name}/metadata.json"
+        for name in PIPELINES
+    ]
+
+
+def test_build_does_not_rebuild_a_tag_the_registry_has(checkout: Path) -> None:
+    done, calls = flex(checkout, "build", STUB_IN_REGISTRY="yes")
+    assert done.returncode == 0, done.stderr
+    assert "in the registry already: not rebuilt" in done.stderr
+    assert not [call for call in calls if call.startswith(("docker build", "docker push"))]
+    assert len([call for call in calls if call.startswith("gcloud dataflow flex-template build")]) == 4
+
+
+@pytest.mark.parametrize(
+    "change", ["pipelines/import_dicom.py", "templates/Dockerfile", "transforms/new_module.py"]
+)
+def test_build_refuses_a_checkout_that_differs_from_its_commit(checkout: Path, change: str) -> None:
+    with (checkout / change).open("a") as file:
+        file.write("\n# not committed\n")
+    done, calls = flex(checkout, "build")
+    assert done.returncode == 1
+    assert "commit them first" in done.stderr and change in done.stderr
+    assert calls == []
+
+
+def test_run_gives_the_workers_the_templates_own_image(checkout: Path) -> None:
+    done, calls = flex(
+        checkout, "run", "import_dicom", "input=gs://landing/a/**.dcm,gs://landing/b/*.dcm", "store=gs://s"
+    )
+    assert done.returncode == 0, done.stderr
+    assert calls[0] == "gcloud storage cat gs://b/dicom-etl/templates/import_dicom.json"
+    assert calls[1].startswith("gcloud dataflow flex-template run import-dicom-")
+    assert calls[1].endswith(
+        "--parameters=^~^sdk_container_image=europe-west4-docker.pkg.dev/p/dicom-etl/dicom-etl:0123456789ab"
+        "~input=gs://landing/a/**.dcm,gs://landing/b/*.dcm~store=gs://s"
+    )
