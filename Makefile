@@ -42,7 +42,7 @@ system-packages:
 $(AIRFLOW_VENV)/.installed:
 	$(PYTHON) -m venv $(AIRFLOW_VENV)
 	$(AIRFLOW_VENV)/bin/pip install --quiet --upgrade pip
-	$(AIRFLOW_VENV)/bin/pip install --quiet 'apache-airflow>=3.0' 'apache-airflow-providers-google>=10.0' \
+	$(AIRFLOW_VENV)/bin/pip install --quiet 'apache-airflow>=3.0' 'apache-airflow-providers-google>=22.8' \
 	  'apache-airflow-providers-apache-beam>=5.0'
 	touch $@
 

@@ -24,7 +24,7 @@ cd "$(dirname "$0")/.."
 
 PIPELINES="import_dicom export_dicom export_metadata delete_dicom"
 # What goes into the image and the template specs.
-IMAGE_FILES="pyproject.toml setup.py README.md pipelines transforms schemas templates/launch.py
+IMAGE_FILES="pyproject.toml setup.py README.md pipelines transforms storage dicomlib schemas templates/launch.py
   templates/Dockerfile templates/Dockerfile.dockerignore templates/*/metadata.json"
 : "${PROJECT:?set PROJECT}" "${REGION:?set REGION}" "${BUCKET:?set BUCKET to gs://bucket}"
 REPOSITORY=${REPOSITORY:-$REGION-docker.pkg.dev/$PROJECT/dicom-etl/dicom-etl}

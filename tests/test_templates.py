@@ -21,6 +21,7 @@ import shutil
 import socket
 import subprocess
 import time
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -441,6 +442,21 @@ def test_the_image_starts_from_pinned_bases() -> None:
         r"gcr\.io/dataflow-templates-base/python311-template-launcher-base:\d{8}_RC\d\d", launcher
     )
     assert re.fullmatch(r"apache/beam_python3\.11_sdk:\d+\.\d+\.\d+", beam_sdk)
+
+
+def test_the_image_holds_every_package_of_the_project() -> None:
+    """The Dockerfile copies, its .dockerignore lets through, and flex.sh tags the image by, every
+    package pyproject.toml installs: a package left out would be missing on every worker."""
+    packages = tomllib.loads((TEMPLATES.parent / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "packages"
+    ]
+    dockerfile = DOCKERFILE.read_text()
+    let_through = (TEMPLATES / "Dockerfile.dockerignore").read_text().splitlines()
+    [image_files] = re.findall(r'^IMAGE_FILES="([^"]*)"', FLEX_SH.read_text(), re.MULTILINE)
+    for package in packages:
+        assert f"COPY {package}/ {package}/" in dockerfile, package
+        assert f"!{package}" in let_through, package
+        assert package in image_files.split(), package
 
 
 def test_the_image_installs_the_project_once_for_launcher_and_workers() -> None:
