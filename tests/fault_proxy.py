@@ -4,6 +4,12 @@ Each request takes the next fault of the script in arrival order (only requests 
 given); once the script is used up, requests pass through unchanged. Faults either answer without
 forwarding (an error status, or a dropped connection) or forward and then cut the answer short, so the
 server has acted but the client cannot know it.
+
+Two standing rules besides the script: `max_body` answers 413 to any request whose body is larger,
+as a server or load balancer with a request size limit does (nginx's client_max_body_size), without
+forwarding it or using up the script; and `before` runs just before a request is forwarded, with its
+method, path and body, so that another client can act on the server at that very moment (a
+concurrent writer storing the same instance first).
 """
 
 from __future__ import annotations
@@ -60,6 +66,7 @@ class ProxiedRequest:
     path: str
     fault: Fault | None
     upstream_status: int | None = None
+    size: int = 0  # bytes of the request body
 
 
 class FaultProxy:
@@ -71,6 +78,8 @@ class FaultProxy:
         faults: Sequence[Fault] = (),
         timeout: float = 60,
         when: Callable[[str, str], bool] | None = None,
+        max_body: int | None = None,
+        before: Callable[[str, str, bytes], None] | None = None,
     ) -> None:
         parts = urlsplit(upstream)
         if parts.scheme != "http" or not parts.hostname:
@@ -82,6 +91,8 @@ class FaultProxy:
         self.requests: list[ProxiedRequest] = []
         self._faults = list(faults)
         self._when = when  # (method, path) -> whether the request takes the next fault
+        self.max_body = max_body  # larger request bodies are answered 413, not forwarded
+        self.before = before  # (method, path, body) -> None, run before a request is forwarded
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self._server.daemon_threads = True
@@ -102,11 +113,15 @@ class FaultProxy:
         if self._thread is not None:
             self._thread.join(10)
 
-    def _arrive(self, method: str, path: str) -> ProxiedRequest:
-        """Take the next fault (or None) and record the request, atomically so the order is arrival order."""
+    def _arrive(self, method: str, path: str, size: int = 0) -> ProxiedRequest:
+        """Take the next fault (or None) and record the request, atomically so the order is arrival order.
+        A body over `max_body` is answered 413 and takes no fault of the script."""
         with self._lock:
-            picked = self._faults and (self._when is None or self._when(method, path))
-            record = ProxiedRequest(method, path, self._faults.pop(0) if picked else None)
+            if self.max_body is not None and size > self.max_body:
+                record = ProxiedRequest(method, path, Fault.status(413), size=size)
+            else:
+                picked = self._faults and (self._when is None or self._when(method, path))
+                record = ProxiedRequest(method, path, self._faults.pop(0) if picked else None, size=size)
             self.requests.append(record)
             return record
 
@@ -137,9 +152,11 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             parts = urlsplit(path)
             path = parts.path + (f"?{parts.query}" if parts.query else "")
         body = self._read_body()
-        record = self.proxy._arrive(self.command, path)
+        record = self.proxy._arrive(self.command, path, len(body))
         fault = record.fault
         if fault is None or fault.kind == "drop_after":
+            if self.proxy.before is not None:
+                self.proxy.before(self.command, path, body)
             try:
                 status, reason, headers, payload = self._forward(path, body)
             except (OSError, http.client.HTTPException) as error:
