@@ -21,7 +21,7 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from dicomlib import NAMESPACE
 from dicomlib.uids import InstanceRef
-from storage import dicomweb
+from storage import dicomweb_client
 from storage.file_store import FileLayoutStore
 from storage.objects import MatchedFile
 from storage.store import Parsed
@@ -114,8 +114,8 @@ def closed_port_url(path: str = "/dicom-web") -> str:
 def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     """The stores' retries, as many as they make, with backoff short enough for a test (the
     names tests/test_healthcare_api.py shortens too)."""
-    monkeypatch.setattr(dicomweb, "THROTTLE_BACKOFF", 0.001)
-    monkeypatch.setattr(dicomweb, "BACKOFF", 0.001)
+    monkeypatch.setattr(dicomweb_client, "THROTTLE_BACKOFF", 0.001)
+    monkeypatch.setattr(dicomweb_client, "BACKOFF", 0.001)
 
 
 def filled_store(root: Path, files: Iterable[Path]) -> FileLayoutStore:

@@ -15,8 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from schemas.rows import Flat, with_event
+from storage.parquet_table import PARQUET_VIEW
 from tests.beam_support import counters, new_pipeline, run
-from transforms.write_metadata import PARQUET_VIEW, WriteMetadata
+from transforms.write_metadata import WriteMetadata
 
 WHEN = datetime.datetime(2024, 5, 1, 12, tzinfo=datetime.UTC)
 STUDY, SERIES = "1.2.826.0.1.3680043.2.1125.1", "1.2.826.0.1.3680043.2.1125.1.1"
