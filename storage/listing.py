@@ -54,7 +54,7 @@ class Lister:
             if entry.is_file():
                 yield MatchedFile(path, entry.stat().st_size)
             elif entry.is_dir():
-                for top, dirs, names in os.walk(path):
+                for top, dirs, names in os.walk(path, onerror=_raise):  # never skip what cannot be read
                     dirs.sort()
                     for name in sorted(names):
                         self.listed += 1
@@ -69,6 +69,10 @@ class Lister:
             found = blob is not None and not name.endswith("/")
             return MatchedFile(name, blob.size) if found else None
         return MatchedFile(name, os.path.getsize(name)) if os.path.isfile(name) else None
+
+
+def _raise(error: OSError) -> None:
+    raise error
 
 
 def _scan(prefix: str) -> list[tuple[str, os.DirEntry[str]]]:

@@ -3,15 +3,30 @@ nothing, and a listing that fails."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import apache_beam as beam
 import pytest
 
 from dicomlib.wildcard import parse_pattern
-from tests.beam_support import SAMPLE, counters, expect_outputs, letters, matched, new_pipeline, run
+from tests.beam_support import (
+    CT,
+    MR,
+    ROOT,
+    SAMPLE,
+    counters,
+    expect_outputs,
+    letters,
+    matched,
+    new_pipeline,
+    run,
+)
 from transforms.dead_letter import DEAD_LETTER
 from transforms.expand import ExpandPatterns
 
@@ -79,3 +94,40 @@ def test_expand_patterns_stops_the_run_when_a_directory_cannot_be_listed(tmp_pat
         match=re.escape(f"cannot list --input {pattern}: [Errno 40] Too many levels of symbolic links"),
     ):
         run(pipeline)
+
+
+EXPAND = """
+import apache_beam as beam
+from dicomlib.wildcard import parse_pattern
+from tests.beam_support import new_pipeline, run
+from transforms.expand import ExpandPatterns
+pipeline = new_pipeline()
+patterns = pipeline | beam.Create([parse_pattern({pattern!r})])
+_ = patterns | beam.ParDo(ExpandPatterns()).with_outputs("dead_letter", main="files")
+run(pipeline)
+"""
+
+
+@pytest.mark.parametrize("pattern", ["in/**.dcm", "in/*/*.dcm"])
+def test_expand_patterns_stops_the_run_when_a_directory_under_the_pattern_cannot_be_read(
+    tmp_path: Path, pattern: str
+) -> None:
+    """An unreadable directory (run without the capabilities that let root read anything):
+    `*` stops the run, as ExpandPatterns says; `**` must not silently skip it either."""
+    for name, source in (("readable", MR), ("locked", CT)):
+        (tmp_path / "in" / name).mkdir(parents=True)
+        (tmp_path / "in" / name / source.name).write_bytes(source.read_bytes())
+    (tmp_path / "in" / "locked").chmod(0)
+    script = textwrap.dedent(EXPAND.format(pattern=f"{tmp_path}/{pattern}"))
+    # root reads a mode-000 directory anyway, unless it gives up the capabilities that let it
+    as_reader = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+    done = subprocess.run(
+        [*as_reader, sys.executable, "-c", script],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
+    (tmp_path / "in" / "locked").chmod(0o755)
+    assert done.returncode != 0 and "cannot list --input" in done.stderr, done.stderr[-2000:]
