@@ -4,14 +4,11 @@ export's root, whole or not at all. Runs in the isolated child process (dicomlib
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from pydicom.dataset import Dataset
 
 from dicomlib.convert import FILE_TYPES, frame_count, frames, read_instance, render, transcode
-from dicomlib.failures import ItemFailed, describe
-from storage.objects import IO_ERRORS, copy, delete_tree, write_bytes
+from storage.objects import IO_ERRORS, copy, delete_tree, failing_as_write_error, write_bytes
 from storage.staging import spool_file
 
 
@@ -32,7 +29,7 @@ def convert_file(local: str, stem: str, file_type: str, transfer_syntax: str | N
         extension, several = FILE_TYPES[file_type], frame_count(ds) > 1
         for number, part in enumerate(parts, start=1):
             name = f"{stem}_{number:04d}.{extension}" if several else f"{stem}.{extension}"
-            with _failing_as_write_error():
+            with failing_as_write_error():
                 write_bytes(name, part, root=root)
             written.append(name)
         return written
@@ -51,13 +48,5 @@ def _write_dicom(ds: Dataset, local: str, name: str, transfer_syntax: str, root:
             source = transcoded
             with open(source, "wb") as out:
                 transcode(ds, transfer_syntax, out)
-        with _failing_as_write_error():
+        with failing_as_write_error():
             copy(source, name, root=root)
-
-
-@contextmanager
-def _failing_as_write_error() -> Iterator[None]:
-    try:
-        yield
-    except IO_ERRORS as error:
-        raise ItemFailed("write_error", describe(error)) from error

@@ -21,7 +21,7 @@ from typing import Any
 from google.api_core import exceptions as google_errors
 from pydicom.dataset import Dataset
 
-from dicomlib.failures import describe
+from dicomlib.failures import ItemFailed, describe
 from dicomlib.header import read_header
 from dicomlib.uids import InstanceRef
 from storage.listing import lister_for
@@ -31,6 +31,7 @@ from storage.objects import (
     copy,
     delete_tree,
     download,
+    failing_as_write_error,
     fingerprint,
     gcs_client,
     is_gcs,
@@ -140,11 +141,14 @@ class FileLayoutStore(Store):
                 copy(source, destination, root=root)
             except google_errors.NotFound:
                 raise FileNotFoundError(source) from None
+            except IO_ERRORS as error:
+                raise ItemFailed("write_error", describe(error)) from error
             return 0
         size = size_of(source)
         if size is None:
             raise FileNotFoundError(source)
-        copy(source, destination, root=root)
+        with failing_as_write_error():
+            copy(source, destination, root=root)
         return size
 
     @contextlib.contextmanager

@@ -34,7 +34,7 @@ from google.api_core import exceptions as gcs_errors
 from google.cloud import storage  # type: ignore[attr-defined]  # a namespace package mypy misses
 from google.cloud.storage.retry import DEFAULT_RETRY
 
-from dicomlib.failures import SourceReadError
+from dicomlib.failures import ItemFailed, SourceReadError, describe
 from dicomlib.filters import Target, filter_targets
 from storage.staging import place
 
@@ -270,3 +270,12 @@ def delete_tree(uri: str) -> None:
 def read_filter(uri: str) -> Iterator[Target]:
     """The targets of a local or gs:// filter file, line by line (see filter_targets)."""
     return filter_targets(read_bytes(uri))
+
+
+@contextlib.contextmanager
+def failing_as_write_error() -> Iterator[None]:
+    """An I/O error writing an item's output is that item's write_error (not a read_error)."""
+    try:
+        yield
+    except IO_ERRORS as error:
+        raise ItemFailed("write_error", describe(error)) from error

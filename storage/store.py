@@ -20,7 +20,7 @@ from pydicom.dataset import Dataset
 
 from dicomlib.failures import RunFailed
 from dicomlib.uids import InstanceRef
-from storage.objects import MatchedFile, copy
+from storage.objects import MatchedFile, copy, failing_as_write_error
 
 STORAGE_CLASSES = ("STANDARD", "NEARLINE", "COLDLINE", "ARCHIVE")
 SUCCESS, ALREADY_PRESENT, FAILURE = "success", "already_present", "failure"
@@ -91,7 +91,7 @@ class Store(abc.ABC):
         """Write the instance, unchanged, to a local or gs:// file under `root` (an export's
         output); the bytes that passed through this worker (stores that can copy without them
         override this)."""
-        with self.spool(ref) as path:
+        with self.spool(ref) as path, failing_as_write_error():
             copy(path, destination, root=root)
             return os.path.getsize(path)
 

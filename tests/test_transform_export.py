@@ -146,3 +146,27 @@ def test_export_instances_stops_the_run_when_the_store_cannot_be_reached(
 
     with pytest.raises(Exception, match=f"cannot reach the DICOMweb store {location}: .*Connection refused"):
         run(pipeline)
+
+
+def test_export_instances_calls_a_dicomweb_store_that_keeps_failing_a_read_error_of_the_read_stage(
+    orthanc: Orthanc, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """WADO-RS answered 503 after every retry: the store could not be read, the output is fine."""
+    quick_retries(monkeypatch)
+    series = sorted(SAMPLE.glob("ct/77654033/*.dcm"))
+    orthanc_store(orthanc, series[0])
+    failing = ref_of(series[0])
+    with FaultProxy(
+        orthanc.rest, [Fault.status(503)] * 50, when=lambda method, path: failing.sop in path
+    ) as proxy:
+        pipeline = new_pipeline()
+        outputs = (
+            pipeline
+            | beam.Create([failing])
+            | beam.ParDo(
+                ExportInstances(f"{proxy.url}/dicom-web", str(tmp_path / "out"), "dicom", None)
+            ).with_outputs(DEAD_LETTER, main="written")
+        )
+        dead = outputs[DEAD_LETTER] | beam.Map(lambda r: (r["uri"], r["stage"], r["reason"]))
+        expect_outputs(outputs.written, dead, [], [(failing.path(), "read", "read_error")])
+        run(pipeline)

@@ -7,11 +7,11 @@ from collections.abc import Iterator
 
 import apache_beam as beam
 
-from dicomlib.failures import ItemFailed, describe, item_failure
+from dicomlib.failures import item_failure
 from dicomlib.isolated import Isolated
 from dicomlib.uids import InstanceRef, valid_uid
 from storage.export_files import convert_file
-from storage.objects import IO_ERRORS, is_gcs, join
+from storage.objects import is_gcs, join
 from storage.staging import clean_staging
 from transforms import progress
 from transforms.store_dofn import StoreDoFn
@@ -67,12 +67,7 @@ class ExportInstances(StoreDoFn):
 
     def _export(self, ref: InstanceRef, stem: str) -> list[str]:
         if self.file_type == "dicom" and self.transfer_syntax is None:
-            try:
-                moved = self.store.copy_instance(ref, f"{stem}.dcm", self.output)
-            except FileNotFoundError:
-                raise
-            except IO_ERRORS as error:
-                raise ItemFailed("write_error", describe(error)) from error
+            moved = self.store.copy_instance(ref, f"{stem}.dcm", self.output)
             self.count("bytes_through_worker", moved)
             return [f"{stem}.dcm"]
         with self.store.spool(ref) as local:
