@@ -41,7 +41,7 @@ from storage.dicomweb_client import (
 from storage.multipart import SOURCE_BUFFER, MultipartBody, SourceUnreadable
 from storage.objects import MatchedFile, open_ranged
 from storage.staging import spool_file
-from storage.store import FAILURE, SUCCESS, Parsed, Store, StoreUnavailable, Written, verdict
+from storage.store import ALREADY_PRESENT, FAILURE, SUCCESS, Parsed, Store, StoreUnavailable, Written, verdict
 
 LOGGER = logging.getLogger(NAMESPACE)
 PAGE = 1000
@@ -117,9 +117,11 @@ class DicomWebStore(Store):
     def _verify(
         self, items: list[tuple[int, Parsed]], results: dict[int, Written], status: int
     ) -> dict[int, Written]:
-        """Ask QIDO for the instances STOW-RS called stored: a server may acknowledge an instance
-        and drop it (Orthanc's DICOMweb plugin does when its filter refuses one). Optional, as it
-        costs a QIDO query per instance, whose match the server must look up."""
+        """Read back what STOW-RS called stored: a server may acknowledge an instance and drop it
+        (Orthanc's DICOMweb plugin does when its filter refuses one), or keep another data set that
+        a concurrent writer stored first under the same SOP Instance UID (Orthanc answers success
+        and keeps its copy). A QIDO-RS query per batch finds them, a WADO-RS read each compares
+        them: optional, for what it costs."""
         claimed = [(index, item) for index, item in items if results[index].outcome == SUCCESS]
         try:
             held = self._stored_refs([item.ref for _, item in claimed])
@@ -132,6 +134,10 @@ class DicomWebStore(Store):
             if held.get(item.ref.sop) != item.ref:
                 detail = f"acknowledged by STOW-RS (HTTP {status}) but not found by QIDO-RS afterwards"
                 results[index] = Written(FAILURE, results[index].location, "rejected", detail)
+                continue
+            compared = self._compare(item, item.ref, f"acknowledged (HTTP {status})")
+            if compared.outcome != ALREADY_PRESENT:  # the store holds other data, or cannot be read
+                results[index] = compared
         return results
 
     def _settle_storage_class(

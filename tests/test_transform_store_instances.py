@@ -12,6 +12,7 @@ from typing import Any
 
 import apache_beam as beam
 import pytest
+import requests
 from google.cloud import storage as gcs_storage
 
 from dicomlib.uids import InstanceRef
@@ -435,3 +436,36 @@ def test_write_instances_loses_the_race_for_the_object_to_a_concurrent_writer_gr
     blobs = {blob.name: blob for blob in gcs.list_blobs(bucket)}
     assert blobs[target.removeprefix(f"gs://{bucket}/")].download_as_bytes() == other.read_bytes()
     assert sum(name.endswith(".dcm") for name in blobs) == 1
+
+
+def test_write_instances_reports_a_conflict_when_a_concurrent_writer_stored_other_data_during_its_stow(
+    orthanc: Orthanc, tmp_path: Path
+) -> None:
+    """Orthanc keeps the instance it holds and answers STOW-RS success for a changed one: another
+    writer's changed copy landing between our QIDO-RS check and our STOW-RS must still make ours
+    a conflict (even with --verify_stored), not a success the store does not hold."""
+    theirs = variant(CT, tmp_path / "theirs.dcm", PatientName="Someone^Else")
+
+    def other_writer(method: str, path: str, body: bytes) -> None:
+        if (method, path) == ("POST", "/dicom-web/studies"):
+            proxy.before = None
+            requests.post(
+                f"{orthanc.rest}/instances", data=theirs.read_bytes(), auth=orthanc.auth, timeout=30
+            ).raise_for_status()
+
+    with FaultProxy(orthanc.rest, before=other_writer) as proxy:
+        pipeline = new_pipeline()
+        outputs = (
+            pipeline
+            | beam.Create(keyed([CT, MR]))
+            | beam.ParDo(WriteInstances(f"{proxy.url}/dicom-web", verify_stored=True)).with_outputs(
+                DEAD_LETTER, main="stored"
+            )
+        )
+        expect_outputs(
+            outputs.stored | beam.Map(lambda r: (r["uri"], r["outcome"])),
+            outputs[DEAD_LETTER] | beam.Map(lambda r: (r["uri"], r["reason"])),
+            [(str(MR), "success")],
+            [(str(CT), "conflict")],
+        )
+        run(pipeline)
