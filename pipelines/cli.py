@@ -9,7 +9,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-PIPELINES = ("import_dicom", "export_dicom", "export_metadata", "delete_dicom")
+PIPELINES = ("import_dicom", "export_dicom", "export_metadata", "delete_dicom", "deidentify_dicom")
 USAGE = "usage: dicom-etl PIPELINE --option=value ...   (dicom-etl PIPELINE --help lists its options)"
 
 

@@ -53,6 +53,17 @@ class Option:
     default: Any = None
     switch: bool = False
 
+    def parses_like(self, other: Option) -> bool:
+        """Two pipelines may give one option name different meanings (`--destination`: tables for
+        export_metadata, a store for deidentify_dicom) with their own help and requirement, as long as
+        Beam's one parser reads both alike."""
+        return (self.repeatable, self.type, self.default, self.switch) == (
+            other.repeatable,
+            other.type,
+            other.default,
+            other.switch,
+        )
+
     def add_to(self, parser: argparse._ActionsContainer, help: str | None = None) -> None:
         kwargs: dict[str, Any] = {"help": self.help if help is None else help}
         if self.switch:
@@ -68,10 +79,11 @@ class Option:
 class Group:
     """Options that belong together, and the check of their values.
 
-    A subclass lists its `options` and, in `check`, refuses bad values (OptionError) and writes back
-    their normal form (absolute paths, upper-case names). Required options and repeated values are
-    handled before `check` (command_line.py). Defining a subclass registers its options in `EVERY`,
-    which `EtlOptions` defines for Beam; an option is one object, shared by the groups that take it.
+        A subclass lists its `options` and, in `check`, refuses bad values (OptionError) and writes back
+        their normal form (absolute paths, upper-case names). Required options and repeated values are
+        handled before `check` (command_line.py). Defining a subclass registers its options in `EVERY`,
+        which `EtlOptions` defines for Beam; an option is one object, shared by the groups that take it, or
+    variants of one name that parse alike (Option.parses_like).
     """
 
     title: ClassVar[str]
@@ -81,8 +93,9 @@ class Group:
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         for option in cls.options:
-            if Group.EVERY.setdefault(option.name, option) is not option:
-                raise TypeError(f"--{option.name} is defined twice")
+            known = Group.EVERY.setdefault(option.name, option)
+            if known is not option and not known.parses_like(option):
+                raise TypeError(f"--{option.name} is defined twice, parsed differently")
 
     @classmethod
     def check(cls, options: EtlOptions) -> None:

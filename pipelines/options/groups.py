@@ -10,13 +10,14 @@ from apache_beam.options.pipeline_options import GoogleCloudOptions
 from pydicom.valuerep import STANDARD_VR
 
 from dicomlib.convert import FILE_TYPES, TRANSFER_SYNTAXES
+from dicomlib.deidentify.config import ConfigError, parse_config
 from dicomlib.filters import FilterError, parse_line
 from dicomlib.wildcard import Pattern, PatternError, parse_pattern
 from pipelines.options.base import EtlOptions, Group, Option, OptionError, is_local
 from pipelines.options.locations import check_directory, check_local_or_gcs, check_not_url_like, check_store
 from schemas.bigquery import MAX_COLUMNS
 from storage.destination import BIGQUERY_TABLE, MAX_DESTINATIONS, WRITE_DISPOSITIONS
-from storage.objects import is_gcs, read_filter, split_gcs
+from storage.objects import is_gcs, read_bytes, read_filter, split_gcs
 from storage.store import STORAGE_CLASSES
 
 
@@ -310,6 +311,106 @@ class DeadLetter(Group):
             location = f"{temp.rstrip('/')}/dead_letter"
         check_directory("dead_letter", location, options)
         options.dead_letter = location
+
+
+class DeidentifyStores(Group):
+    """deidentify_dicom: the store it reads (never changed) and the store it writes the copies to."""
+
+    title = "source and destination stores"
+    options = (
+        Option(
+            "source",
+            "The store to de-identify (never changed): a local directory or gs://bucket/prefix, a "
+            "DICOMweb service root (http[s]://...), or projects/P/locations/L/datasets/D/dicomStores/S.",
+            required="a directory, gs:// prefix, DICOMweb URL or Healthcare store",
+        ),
+        # the name export_metadata uses for its tables: a variant that parses alike (a list)
+        Option(
+            "destination",
+            "The store that gets the de-identified copies, of any kind (as --source); local ones are made.",
+            required="a directory, gs:// prefix, DICOMweb URL or Healthcare store",
+            repeatable=True,
+        ),
+    )
+
+    @classmethod
+    def check(cls, options: EtlOptions) -> None:
+        options.source = check_store("source", options.source, options, must_exist=True)
+        if len(options.destination) != 1:
+            raise OptionError("destination", "give one store")
+        destination = check_store("destination", options.destination[0], options, must_exist=False)
+        if destination == options.source:
+            raise OptionError("destination", "must be another store than --source")
+        options.destination = [destination]
+
+
+class Deidentification(Group):
+    """deidentify_dicom: what it does (the Healthcare API's DeidentifyConfig) and where its Provenance
+    goes. The key comes from the environment (DEID_KEY), never from an option: options are logged."""
+
+    title = "de-identification"
+    options = (
+        Option(
+            "config",
+            "A local or gs:// JSON file, or inline JSON: the DICOM parts of the Cloud Healthcare API's "
+            "DeidentifyConfig (dicom.filterProfile, dicom.keepList/removeList, dicom.skipIdRedaction, "
+            "image.textRedactionMode). Default: the basic profile. The key comes from env DEID_KEY.",
+        ),
+        Option(
+            "provenance_destination",
+            "A local or gs:// directory that gets Provenance.ndjson: FHIR R4 Provenance of the "
+            "operation and of every instance.",
+        ),
+    )
+
+    @classmethod
+    def check(cls, options: EtlOptions) -> None:
+        if not os.environ.get("DEID_KEY"):
+            raise OptionError(
+                None, "DEID_KEY: the environment variable with the de-identification key is not set"
+            )
+        text = options.config or ""
+        if text and not text.lstrip().startswith("{"):
+            location = check_local_or_gcs("config", text)
+            try:
+                text = read_bytes(location).decode("utf-8")
+            except Exception as error:  # OSError, bad UTF-8, or a gs:// client's own errors
+                raise OptionError("config", f"cannot read {location}: {error}") from None
+        try:
+            config = parse_config(text)
+        except ConfigError as error:
+            raise OptionError("config", f"{error.field}: {error.reason}") from None
+        if config.fhir_store is not None:
+            raise OptionError(
+                "config", "operationMetadata.fhirOutput.fhirStore: FHIR store output is not supported yet"
+            )
+        options.config = config.text
+        if options.provenance_destination:
+            location = options.provenance_destination
+            if location.startswith(("http://", "https://", "projects/")):
+                raise OptionError(
+                    "provenance_destination", "FHIR servers are not supported yet: give a directory"
+                )
+            location = check_local_or_gcs("provenance_destination", location)
+            check_directory("provenance_destination", location, options)
+            options.provenance_destination = location
+
+
+class SelectionOrTargets(Selection):
+    """deidentify_dicom: all instances, or those that `--target` lines or a filter file name."""
+
+    options = (Targets.options[0], *Selection.options)
+
+    @classmethod
+    def check(cls, options: EtlOptions) -> None:
+        if options.target and options.filter_file:
+            raise OptionError("target", "give --target lines or --filter_file, not both")
+        for text in options.target:
+            try:
+                parse_line(text)
+            except FilterError as error:
+                raise OptionError("target", str(error).replace("filter file line 1: ", "")) from None
+        super().check(options)
 
 
 class CommandLine(Group):
