@@ -16,7 +16,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines.options.base import EtlOptions
 from pipelines.options.groups import DeadLetter, Output, Selection, StoreToRead
-from pipelines.pipeline import Pipeline
+from pipelines.run import Pipeline
 from pipelines.run_log import run_name
 from transforms.dead_letter import DEAD_LETTER, WriteDeadLetters
 from transforms.export import ExportInstances

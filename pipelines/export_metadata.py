@@ -17,7 +17,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines.options.base import EtlOptions
 from pipelines.options.groups import DeadLetter, Selection, StoreToRead, Tables, WriteDisposition
-from pipelines.pipeline import Pipeline
+from pipelines.run import Pipeline
 from pipelines.run_log import run_name
 from transforms.dead_letter import DEAD_LETTER, WriteDeadLetters
 from transforms.metadata_rows import RowsFromStore

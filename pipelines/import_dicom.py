@@ -18,7 +18,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from dicomlib.wildcard import parse_pattern
 from pipelines.options.base import EtlOptions
 from pipelines.options.groups import DeadLetter, DicomwebWrites, Input, RowsOfRun, StoreToImport
-from pipelines.pipeline import Pipeline
+from pipelines.run import Pipeline
 from pipelines.run_log import run_name
 from storage.store import ALREADY_PRESENT, SUCCESS
 from transforms.dead_letter import DEAD_LETTER, WriteDeadLetters

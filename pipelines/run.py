@@ -1,4 +1,6 @@
-"""Running a pipeline: parse, then a local run or a distributed launch; the exit status.
+"""What makes a pipeline, and running one: parse, then a local run or a distributed launch; the exit
+status. A pipeline module is its docstring (the first line for `dicom-etl --help`, the whole for its
+own `--help`), the option groups it takes, `build`, and the counters of its summary: a `Pipeline`.
 
 Exit codes (CONTRACT.md): 2 bad options, before any work (one line on stderr, nothing on stdout); 1
 the run failed; 3 the run finished with failed items; 0 everything succeeded. Exits 1 and 3 print one
@@ -14,20 +16,44 @@ import json
 import os
 import re
 import sys
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines import progress_lines
 from pipelines.interrupt import exit_on_interrupt
-from pipelines.options.base import EtlOptions, HelpRequested, OptionError, is_local
+from pipelines.options import command_line
+from pipelines.options.base import EtlOptions, Group, HelpRequested, OptionError, is_local
 from pipelines.run_log import LOGGER, RunLog
 from pipelines.summary import counters, failure_line, launched, so_far, summarize
 
-if TYPE_CHECKING:
-    from pipelines.pipeline import Pipeline
+
+@dataclass(frozen=True)
+class Pipeline:
+    """`build` constructs the pipeline from checked options and does no I/O (a template's launcher
+    runs it). `summary` names the counters of the JSON summary, in order; the first is the total of
+    success and failure."""
+
+    name: str
+    doc: str
+    groups: tuple[type[Group], ...]
+    build: Callable[[beam.Pipeline, PipelineOptions], None]
+    summary: tuple[str, ...]
+
+    @property
+    def options(self) -> dict[str, bool]:
+        """Its options, name: required; its template's metadata.json lists exactly these."""
+        return {option.name: bool(option.required) for group in self.groups for option in group.options}
+
+    def parse(self, argv: Sequence[str]) -> PipelineOptions:
+        """Parse and check every option before any work; OptionError names the bad one."""
+        return command_line.parse(self.name, self.doc, self.groups, argv)
+
+    def main(self, argv: Sequence[str] | None = None) -> int:
+        """Parse, build, run and summarise; the exit status."""
+        return execute(self, sys.argv[1:] if argv is None else argv)
 
 
 def execute(pipeline: Pipeline, argv: Sequence[str]) -> int:
