@@ -22,7 +22,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from dicomlib.deidentify.provenance import operation_resource, provenance_id
 from pipelines.options.base import EtlOptions
 from pipelines.options.groups import DeadLetter, Deidentification, DeidentifyStores, SelectionOrTargets
-from pipelines.pipeline import Pipeline
+from pipelines.run import Pipeline
 from pipelines.run_log import run_name
 from transforms.dead_letter import DEAD_LETTER, WriteDeadLetters
 from transforms.deidentify import PROVENANCE, DeidentifyInstances

@@ -30,7 +30,8 @@ def test_the_license_is_an_spdx_expression() -> None:
 
 def test_the_package_built_for_workers_holds_every_module(tmp_path: Path) -> None:
     """Dataflow workers and the template's image install the built package, not this checkout: a
-    subpackage the build leaves out (pipelines/options, dicomlib/flatten) would be missing there."""
+    subpackage or data file the build leaves out (pipelines/options, dicomlib/flatten, the profile
+    table) would be missing there."""
     found = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
     source = tmp_path / "source"  # a copy: a build/ directory left in the checkout could hide a gap
     source.mkdir()
@@ -41,11 +42,12 @@ def test_the_package_built_for_workers_holds_every_module(tmp_path: Path) -> Non
     wheel_command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
     subprocess.run([*wheel_command, "-w", str(tmp_path), str(source)], check=True, capture_output=True)
     [wheel] = tmp_path.glob("*.whl")
-    built = {name for name in zipfile.ZipFile(wheel).namelist() if name.endswith(".py")}
+    built = set(zipfile.ZipFile(wheel).namelist())
     sources = {
         str(path.relative_to(ROOT))
         for pattern in found["include"]
-        for path in (ROOT / pattern.rstrip("*")).rglob("*.py")
+        for path in (ROOT / pattern.rstrip("*")).rglob("*")
+        if path.is_file() and "__pycache__" not in path.parts
     }
     assert sources and sources <= built, sorted(sources - built)
 
