@@ -8,8 +8,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import apache_beam as beam
-from pydicom import dcmread
 
+from dicomlib.convert import read_instance
 from dicomlib.deidentify import deidentify, parse_config
 from dicomlib.deidentify.provenance import instance_resource
 from dicomlib.failures import RunFailed, item_failure
@@ -65,8 +65,10 @@ class DeidentifyInstances(StoreDoFn):
             yield self._fail(path, "invalid_uid", f"{bad[:80]!r} is not 1-64 digits and dots")
             return
         try:
-            with self.store.spool(ref) as local:
-                source = dcmread(local)
+            with self.store.spool(ref) as local, open(local, "rb") as stream:
+                source = read_instance(
+                    stream
+                )  # bounded: a deflate bomb is too_large, not the worker's memory
         except FileNotFoundError as error:
             yield self._fail(path, "not_found", f"the source holds no such instance: {error}")
             return
