@@ -46,10 +46,16 @@ $(AIRFLOW_VENV)/.installed:
 	  'apache-airflow-providers-apache-beam>=5.0'
 	touch $@
 
+# The tests' FHIR server (medplum's fhir-router, tests/fhir_server/server.mjs), from package-lock.json.
+FHIR_SERVER := tests/fhir_server
+$(FHIR_SERVER)/node_modules/.installed: $(FHIR_SERVER)/package.json $(FHIR_SERVER)/package-lock.json
+	npm ci --prefix $(FHIR_SERVER) --no-audit --no-fund
+	touch $@
+
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: system-packages lint $(AIRFLOW_VENV)/.installed
+test: system-packages lint $(AIRFLOW_VENV)/.installed $(FHIR_SERVER)/node_modules/.installed
 	$(BIN)/python -m pytest

@@ -28,6 +28,7 @@ from transforms.dead_letter import DEAD_LETTER, WriteDeadLetters
 from transforms.deidentify import PROVENANCE, DeidentifyInstances
 from transforms.progress import count_failures
 from transforms.select import ListInstances, SelectTargets
+from transforms.write_provenance import WriteProvenance
 
 GROUPS = (DeidentifyStores, Deidentification, SelectionOrTargets, DeadLetter)
 
@@ -50,33 +51,21 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions) -> None:
             DEAD_LETTER, PROVENANCE
         )
     )
-    (
-        count_failures([selected[DEAD_LETTER], done[DEAD_LETTER]])
-        | "AllFailures" >> beam.Flatten()
-        | "DeadLetter" >> WriteDeadLetters(values.dead_letter, name)
-    )
+    failures = [selected[DEAD_LETTER], done[DEAD_LETTER]]
     if values.provenance_destination:
         now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
         operation = operation_resource(
             operation_id, f"dicom-etl/operations/{name}", source, destination, values.config, now, now
         )
-        (
+        failures.append(
             (pipeline | "Operation" >> beam.Create([operation]), done[PROVENANCE])
             | "AllProvenance" >> beam.Flatten()
-            | "WriteProvenance" >> write_ndjson(values.provenance_destination)
+            | "WriteProvenance" >> WriteProvenance(values.provenance_destination)
         )
-
-
-def write_ndjson(directory: str) -> beam.PTransform:
-    """`{directory}/Provenance.ndjson`, one resource a line (FHIR bulk-data form), written by Beam's
-    own text sink so a local and a gs:// directory behave alike."""
-    import json
-
-    return beam.Map(lambda resource: json.dumps(resource, sort_keys=True)) | beam.io.WriteToText(
-        f"{directory.rstrip('/')}/Provenance",
-        file_name_suffix=".ndjson",
-        shard_name_template="",
-        num_shards=1,
+    (
+        count_failures(failures)
+        | "AllFailures" >> beam.Flatten()
+        | "DeadLetter" >> WriteDeadLetters(values.dead_letter, name)
     )
 
 
@@ -93,6 +82,8 @@ SUMMARY = (
     "regenerated_uid",
     "cleaned",
     "findings",
+    "provenance_written",
+    "provenance_failures",
     "objects_listed",
 )
 PIPELINE = Pipeline("deidentify_dicom", __doc__, GROUPS, build, SUMMARY)

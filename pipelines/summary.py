@@ -14,7 +14,7 @@ from pipelines import progress_lines
 from transforms import progress
 
 # Counters that fail the run (exit 3) when they are not 0; also any unmatched_* one.
-FAILING = ("failure", "metadata_failures")
+FAILING = ("failure", "metadata_failures", "provenance_failures")
 
 
 def summarize(keys: Sequence[str], counts: dict[str, int]) -> tuple[dict[str, Any], bool]:
@@ -50,6 +50,11 @@ def failure_line(summary: dict[str, Any], dead_letter: str) -> str:
     rows = summary.get("metadata_failures", 0)
     if rows:
         parts.append(f"{rows:,} metadata row{'s' if rows > 1 else ''} could not be made")
+    provenance = summary.get("provenance_failures", 0)
+    if provenance:
+        parts.append(
+            f"{provenance:,} Provenance resource{'s' if provenance > 1 else ''} could not be written"
+        )
     unmatched = summary.get("unmatched_patterns", summary.get("unmatched_targets", 0))
     if unmatched:
         what = "pattern" if "unmatched_patterns" in summary else "filter line"

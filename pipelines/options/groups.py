@@ -17,6 +17,7 @@ from pipelines.options.base import EtlOptions, Group, Option, OptionError, is_lo
 from pipelines.options.locations import check_directory, check_local_or_gcs, check_not_url_like, check_store
 from schemas.bigquery import MAX_COLUMNS
 from storage.destination import BIGQUERY_TABLE, MAX_DESTINATIONS, WRITE_DISPOSITIONS
+from storage.fhir import check_fhir_location, is_fhir_server
 from storage.objects import is_gcs, read_bytes, read_filter, split_gcs
 from storage.store import STORAGE_CLASSES
 
@@ -358,8 +359,10 @@ class Deidentification(Group):
         ),
         Option(
             "provenance_destination",
-            "A local or gs:// directory that gets Provenance.ndjson: FHIR R4 Provenance of the "
-            "operation and of every instance.",
+            "Where the FHIR R4 Provenance of the operation and of every instance goes: a FHIR base URL "
+            "(http[s]://...; FHIR_TOKEN or FHIR_USERNAME/FHIR_PASSWORD), "
+            "projects/P/locations/L/datasets/D/fhirStores/S, or a local or gs:// directory that gets "
+            "Provenance.ndjson. The config's operationMetadata.fhirOutput.fhirStore means the same.",
         ),
     )
 
@@ -380,19 +383,25 @@ class Deidentification(Group):
             config = parse_config(text)
         except ConfigError as error:
             raise OptionError("config", f"{error.field}: {error.reason}") from None
-        if config.fhir_store is not None:
-            raise OptionError(
-                "config", "operationMetadata.fhirOutput.fhirStore: FHIR store output is not supported yet"
-            )
         options.config = config.text
-        if options.provenance_destination:
-            location = options.provenance_destination
-            if location.startswith(("http://", "https://", "projects/")):
+        location = options.provenance_destination
+        if config.fhir_store is not None:  # operationMetadata.fhirOutput.fhirStore means the same
+            if location and location.rstrip("/") != config.fhir_store:
                 raise OptionError(
-                    "provenance_destination", "FHIR servers are not supported yet: give a directory"
+                    "provenance_destination",
+                    f"{location} differs from the config's operationMetadata.fhirOutput.fhirStore "
+                    f"{config.fhir_store}: give one, or the same",
                 )
-            location = check_local_or_gcs("provenance_destination", location)
-            check_directory("provenance_destination", location, options)
+            location = config.fhir_store
+        if location:
+            if is_fhir_server(location) or location.startswith("projects/"):
+                try:
+                    location = check_fhir_location(location)
+                except ValueError as error:
+                    raise OptionError("provenance_destination", str(error)) from None
+            else:
+                location = check_local_or_gcs("provenance_destination", location)
+                check_directory("provenance_destination", location, options)
             options.provenance_destination = location
 
 
