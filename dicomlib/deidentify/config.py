@@ -33,9 +33,8 @@ TEXT_REDACTION_MODES = (
     "REDACT_SENSITIVE_TEXT",
     "REDACT_SENSITIVE_TEXT_CLEAN_DESCRIPTORS",
 )
-# Burnt-in text needs OCR, which is not built yet: refusing these modes is honest, accepting them and
-# leaving the pixels as they are would not be.
-SUPPORTED_TEXT_REDACTION_MODES = ("REDACT_NO_TEXT",)
+# Burnt-in text is read with OCR (pixels.py): every mode is supported.
+SUPPORTED_TEXT_REDACTION_MODES = TEXT_REDACTION_MODES
 FHIR_STORE = re.compile(r"projects/[^/]+/locations/[^/]+/datasets/[^/]+/fhirStores/[^/]+")
 HEX_TAG = re.compile(r"[0-9A-Fa-f]{8}")
 
