@@ -169,6 +169,17 @@ def test_an_rle_source_keeps_its_syntax_and_a_jpeg_baseline_one_becomes_uncompre
     assert out.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian and out.BurnedInAnnotation == "NO"
 
 
+def test_in_place_deidentifies_the_given_data_set_without_text_redaction() -> None:
+    ds = burnt_in()
+    copied = deidentify(ds, config("REDACT_NO_TEXT", "ATTRIBUTE_CONFIDENTIALITY_BASIC_PROFILE"), KEY)
+    assert ds.PatientName == "SMITH^JOHN" and copied.dataset is not ds and copied.images == []
+    same = deidentify(
+        ds, config("REDACT_NO_TEXT", "ATTRIBUTE_CONFIDENTIALITY_BASIC_PROFILE"), KEY, in_place=True
+    )
+    assert same.dataset is ds and ds.PatientName != "SMITH^JOHN"
+    assert ds.SOPInstanceUID == copied.dataset.SOPInstanceUID and ds.BurnedInAnnotation == "YES"
+
+
 def _saved(ds: Dataset) -> object:
     import io
 
