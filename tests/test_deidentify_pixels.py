@@ -15,7 +15,14 @@ from PIL import Image, ImageDraw, ImageFont
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, RLELossless
+from pydicom.uid import (
+    UID,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGLSLossless,
+    RLELossless,
+)
 
 from dicomlib.convert import _eight_bit
 from dicomlib.deidentify import deidentify, parse_config
@@ -155,18 +162,28 @@ def test_identical_frames_are_read_once_and_both_redacted() -> None:
     assert "SMITH" not in read_text(result.dataset, 1)
 
 
-def test_an_rle_source_keeps_its_syntax_and_a_jpeg_baseline_one_becomes_uncompressed() -> None:
+@pytest.mark.parametrize("syntax", [RLELossless, JPEGLSLossless, JPEG2000Lossless], ids=lambda uid: uid.name)
+def test_a_lossless_source_keeps_its_syntax(syntax: UID) -> None:
     ds = burnt_in()
-    ds.compress(RLELossless)
+    ds.compress(syntax)
     result = deidentify(ds, config("REDACT_ALL_TEXT"), KEY)
-    assert result.dataset.file_meta.TransferSyntaxUID == RLELossless
+    assert result.dataset.file_meta.TransferSyntaxUID == syntax
     assert "SMITH" not in read_text(result.dataset)
     reread = dcmread(_saved(result.dataset))
-    assert reread.file_meta.TransferSyntaxUID == RLELossless and reread.BurnedInAnnotation == "NO"
+    assert reread.file_meta.TransferSyntaxUID == syntax and reread.BurnedInAnnotation == "NO"
+    mask = outside(result.images, ds.pixel_array.shape)
+    assert np.array_equal(reread.pixel_array[mask], ds.pixel_array[mask])
+
+
+def test_a_jpeg_baseline_source_becomes_uncompressed() -> None:
     lossy = dcmread(get_testdata_file("SC_rgb_jpeg_dcmtk.dcm"))
-    out = deidentify(lossy, config("REDACT_ALL_TEXT"), KEY).dataset
+    result = deidentify(lossy, config("REDACT_ALL_TEXT"), KEY)
+    out = dcmread(_saved(result.dataset))
     assert lossy.file_meta.TransferSyntaxUID == JPEGBaseline8Bit
     assert out.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian and out.BurnedInAnnotation == "NO"
+    assert out.PhotometricInterpretation == "RGB"  # as decoded: nothing further lost
+    mask = outside(result.images, lossy.pixel_array.shape)
+    assert np.array_equal(out.pixel_array[mask], lossy.pixel_array[mask])
 
 
 def test_in_place_deidentifies_the_given_data_set_without_text_redaction() -> None:
