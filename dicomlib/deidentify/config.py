@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,6 +94,10 @@ def config_from_dict(raw: Any, text: str | None = None) -> DeidConfig:
     )
     if mode not in SUPPORTED_TEXT_REDACTION_MODES:
         raise ConfigError("image.textRedactionMode", f"{mode} needs OCR of burnt-in text, not supported yet")
+    if mode != "REDACT_NO_TEXT" and shutil.which("tesseract") is None:  # before any work, not per instance
+        raise ConfigError(
+            "image.textRedactionMode", f"{mode} needs the tesseract command (apt-get install tesseract-ocr)"
+        )
     metadata = _object(top.get("operationMetadata", {}), "operationMetadata", ("fhirOutput",))
     fhir_output = _object(metadata.get("fhirOutput", {}), "operationMetadata.fhirOutput", ("fhirStore",))
     fhir_store = fhir_output.get("fhirStore")
