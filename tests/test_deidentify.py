@@ -176,7 +176,6 @@ def test_skip_id_redaction_keeps_uids() -> None:
         ('{"dicom": {"filterProfile": "KEEP_SOME"}}', "dicom.filterProfile"),
         ('{"dicomm": {}}', "dicomm"),
         ('{"image": {"textRedactionMode": "REDACT_SOME"}}', "image.textRedactionMode"),
-        ('{"image": {"textRedactionMode": "REDACT_ALL_TEXT"}}', "image.textRedactionMode"),
         ('{"dicom": {"keepList": {"tags": ["NotAKeyword"]}}}', "dicom.keepList.tags"),
         ('{"dicom": {"skipIdRedaction": "yes"}}', "dicom.skipIdRedaction"),
         (

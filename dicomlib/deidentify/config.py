@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,9 +34,8 @@ TEXT_REDACTION_MODES = (
     "REDACT_SENSITIVE_TEXT",
     "REDACT_SENSITIVE_TEXT_CLEAN_DESCRIPTORS",
 )
-# Burnt-in text needs OCR, which is not built yet: refusing these modes is honest, accepting them and
-# leaving the pixels as they are would not be.
-SUPPORTED_TEXT_REDACTION_MODES = ("REDACT_NO_TEXT",)
+# Burnt-in text is read with OCR (pixels.py): every mode is supported.
+SUPPORTED_TEXT_REDACTION_MODES = TEXT_REDACTION_MODES
 FHIR_STORE = re.compile(r"projects/[^/]+/locations/[^/]+/datasets/[^/]+/fhirStores/[^/]+")
 HEX_TAG = re.compile(r"[0-9A-Fa-f]{8}")
 
@@ -94,6 +94,10 @@ def config_from_dict(raw: Any, text: str | None = None) -> DeidConfig:
     )
     if mode not in SUPPORTED_TEXT_REDACTION_MODES:
         raise ConfigError("image.textRedactionMode", f"{mode} needs OCR of burnt-in text, not supported yet")
+    if mode != "REDACT_NO_TEXT" and shutil.which("tesseract") is None:  # before any work, not per instance
+        raise ConfigError(
+            "image.textRedactionMode", f"{mode} needs the tesseract command (apt-get install tesseract-ocr)"
+        )
     metadata = _object(top.get("operationMetadata", {}), "operationMetadata", ("fhirOutput",))
     fhir_output = _object(metadata.get("fhirOutput", {}), "operationMetadata.fhirOutput", ("fhirStore",))
     fhir_store = fhir_output.get("fhirStore")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+from dicomlib.deidentify.pixels import ImageFinding
 from dicomlib.deidentify.profile import Result
 
 OPERATION_SYSTEM = "https://g.co/healthcare/operation"
@@ -45,8 +46,8 @@ def operation_resource(
 def instance_resource(
     operation_id: str, source: str, target: str, recorded: str, result: Result, size: int
 ) -> dict[str, Any]:
-    """The Provenance of one instance: where it came from and went, its image size, and what was done
-    to each attribute (dicom-tags)."""
+    """The Provenance of one instance: where it came from and went, its image size, the burnt-in text
+    boxes redacted in each frame (dicom-images) and what was done to each attribute (dicom-tags)."""
     ds = result.dataset
     extensions: list[dict[str, Any]] = []
     if "Columns" in ds and "Rows" in ds:
@@ -55,6 +56,8 @@ def instance_resource(
             {"url": "https://g.co/HEIGHT", "valueDecimal": int(ds.Rows)},
         ]
     extensions.append({"url": "https://g.co/DICOM_STRUCTURED_SIZE", "valueDecimal": size})
+    if result.images:
+        extensions.append({"url": "https://g.co/dicom-images", "extension": _image_extensions(result.images)})
     tags = [_tag_extension(record) for record in result.records]
     if tags:
         extensions.append({"url": "https://g.co/dicom-tags", "extension": tags})
@@ -83,3 +86,30 @@ def _tag_extension(record: Any) -> dict[str, Any]:
         {"url": "deidentify-reason", "valueString": record.reason},
     ]
     return {"url": "tag-id", "valueString": record.tag_id, "extension": details}
+
+
+def _image_extensions(images: list[ImageFinding]) -> list[dict[str, Any]]:
+    """Per frame with redacted boxes: frame-index with, box after box, its edges in pixels, the edges
+    relative to the frame's width (left, right) and height (top, bottom), quote, infoType and
+    confidence, in the seed's flat form."""
+    frames: dict[int, list[dict[str, Any]]] = {}
+    for box in images:
+        frames.setdefault(box.frame, []).extend(
+            [
+                {"url": "left", "valueDecimal": box.left},
+                {"url": "right", "valueDecimal": box.right},
+                {"url": "top", "valueDecimal": box.top},
+                {"url": "bottom", "valueDecimal": box.bottom},
+                {"url": "relative-left", "valueDecimal": round(box.left / box.width, 4)},
+                {"url": "relative-right", "valueDecimal": round(box.right / box.width, 4)},
+                {"url": "relative-top", "valueDecimal": round(box.top / box.height, 4)},
+                {"url": "relative-bottom", "valueDecimal": round(box.bottom / box.height, 4)},
+                {"url": "quote", "valueString": box.quote},
+                {"url": "infoType", "valueString": box.info_type},
+                {"url": "confidence", "valueDecimal": box.confidence},
+            ]
+        )
+    return [
+        {"url": "frame-index", "valueDecimal": frame, "extension": boxes}
+        for frame, boxes in sorted(frames.items())
+    ]
