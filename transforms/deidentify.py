@@ -66,9 +66,7 @@ class DeidentifyInstances(StoreDoFn):
             return
         try:
             with self.store.spool(ref) as local, open(local, "rb") as stream:
-                source = read_instance(
-                    stream
-                )  # bounded: a deflate bomb is too_large, not the worker's memory
+                source = read_instance(stream)  # bounded: a deflate bomb is too_large
         except FileNotFoundError as error:
             yield self._fail(path, "not_found", f"the source holds no such instance: {error}")
             return
