@@ -75,14 +75,15 @@ def with_retries(session: requests.Session, connections: int = 16) -> requests.S
     return session
 
 
-def session_from_environment() -> requests.Session:
-    """Basic auth from DICOMWEB_USERNAME/DICOMWEB_PASSWORD, or a bearer token from DICOMWEB_TOKEN."""
+def session_from_environment(prefix: str = "DICOMWEB") -> requests.Session:
+    """A bearer token from {prefix}_TOKEN, or basic auth from {prefix}_USERNAME/{prefix}_PASSWORD,
+    read on the worker (never carried in the job's graph)."""
     session = requests.Session()
-    token = os.environ.get("DICOMWEB_TOKEN")
+    token = os.environ.get(f"{prefix}_TOKEN")
     if token:
         session.headers["Authorization"] = f"Bearer {token}"
-    elif os.environ.get("DICOMWEB_USERNAME"):
-        session.auth = (os.environ["DICOMWEB_USERNAME"], os.environ.get("DICOMWEB_PASSWORD", ""))
+    elif os.environ.get(f"{prefix}_USERNAME"):
+        session.auth = (os.environ[f"{prefix}_USERNAME"], os.environ.get(f"{prefix}_PASSWORD", ""))
     return with_retries(session)
 
 
@@ -127,7 +128,7 @@ def backoff(attempt: int, first: float, most: float) -> float:
     return min(most, first * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
 
 
-def _retry_after(response: requests.Response) -> float:
+def retry_after(response: requests.Response) -> float:
     """The Retry-After header in seconds (a number or an HTTP date); 0 if absent or unreadable."""
     try:
         return max(0.0, Retry().parse_retry_after(response.headers.get("Retry-After", "")))
@@ -135,7 +136,7 @@ def _retry_after(response: requests.Response) -> float:
         return 0.0
 
 
-def _cause(error: BaseException) -> str:
+def cause(error: BaseException) -> str:
     """The operating system's reason (e.g. '[Errno 111] Connection refused'), else the error's type."""
     match = re.search(r"\[Errno [^\]]+\] [^')\"]+", str(error))
     return match.group(0) if match else type(error).__name__
@@ -179,7 +180,7 @@ class DicomWebClient:
             except GoogleAuthError as error:
                 raise StoreUnavailable(f"no access token for {self.root}: {type(error).__name__}") from None
             except requests.RequestException as error:
-                reason = _cause(error)
+                reason = cause(error)
                 raise StoreUnavailable(f"cannot reach the DICOMweb store {self.root}: {reason}") from None
             if response.status_code in (401, 403):
                 raise StoreUnavailable(
@@ -188,7 +189,7 @@ class DicomWebClient:
             if response.status_code == THROTTLED and throttled < THROTTLE_ATTEMPTS:
                 throttled += 1
                 wait = backoff(throttled, THROTTLE_BACKOFF, THROTTLE_BACKOFF_MAX)
-                time.sleep(max(_retry_after(response), wait))
+                time.sleep(max(retry_after(response), wait))
                 continue
             return response
 

@@ -27,10 +27,11 @@ from storage.dicomweb_client import (
     THROTTLED,
     TIMEOUT,
     RequestFailed,
-    _cause,
-    _retry_after,
     backoff,
+    cause,
     json_or_none,
+    retry_after,
+    session_from_environment,
     status_detail,
     with_retries,
 )
@@ -76,18 +77,7 @@ def open_fhir(location: str) -> FhirClient:
             raise StoreUnavailable(f"no Application Default Credentials for {location}: {error}") from None
         api = os.environ.get("HEALTHCARE_API_ROOT", HEALTHCARE_API).rstrip("/")
         return FhirClient(f"{api}/{location}/fhir", with_retries(AuthorizedSession(credentials)))
-    return FhirClient(location, session_from_environment())
-
-
-def session_from_environment() -> requests.Session:
-    """A bearer token from FHIR_TOKEN, or basic auth from FHIR_USERNAME/FHIR_PASSWORD."""
-    session = requests.Session()
-    token = os.environ.get("FHIR_TOKEN")
-    if token:
-        session.headers["Authorization"] = f"Bearer {token}"
-    elif os.environ.get("FHIR_USERNAME"):
-        session.auth = (os.environ["FHIR_USERNAME"], os.environ.get("FHIR_PASSWORD", ""))
-    return with_retries(session)
+    return FhirClient(location, session_from_environment("FHIR"))
 
 
 class FhirClient:
@@ -110,7 +100,7 @@ class FhirClient:
             except GoogleAuthError as error:
                 raise StoreUnavailable(f"no access token for {self.base}: {type(error).__name__}") from None
             except requests.RequestException as error:
-                raise StoreUnavailable(f"cannot reach the FHIR server {self.base}: {_cause(error)}") from None
+                raise StoreUnavailable(f"cannot reach the FHIR server {self.base}: {cause(error)}") from None
             if response.status_code in (401, 403):
                 raise StoreUnavailable(
                     f"the FHIR server {self.base} refused our credentials (HTTP {response.status_code})"
@@ -118,7 +108,7 @@ class FhirClient:
             if response.status_code == THROTTLED and throttled < THROTTLE_ATTEMPTS:
                 throttled += 1
                 time.sleep(
-                    max(_retry_after(response), backoff(throttled, THROTTLE_BACKOFF, THROTTLE_BACKOFF_MAX))
+                    max(retry_after(response), backoff(throttled, THROTTLE_BACKOFF, THROTTLE_BACKOFF_MAX))
                 )
                 continue
             return response

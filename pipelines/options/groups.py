@@ -189,11 +189,7 @@ class Targets(Selection):
     def check(cls, options: EtlOptions) -> None:
         if bool(options.target) == bool(options.filter_file):
             raise OptionError("target", "give either --target lines or --filter_file (one of them)")
-        for text in options.target:
-            try:
-                parse_line(text)
-            except FilterError as error:
-                raise OptionError("target", str(error).replace("filter file line 1: ", "")) from None
+        _check_target_lines(options.target)
         super().check(options)
 
 
@@ -414,11 +410,7 @@ class SelectionOrTargets(Selection):
     def check(cls, options: EtlOptions) -> None:
         if options.target and options.filter_file:
             raise OptionError("target", "give --target lines or --filter_file, not both")
-        for text in options.target:
-            try:
-                parse_line(text)
-            except FilterError as error:
-                raise OptionError("target", str(error).replace("filter file line 1: ", "")) from None
+        _check_target_lines(options.target)
         super().check(options)
 
 
@@ -434,3 +426,12 @@ class CommandLine(Group):
             switch=True,
         ),
     )
+
+
+def _check_target_lines(lines: list[str]) -> None:
+    """Each --target is one filter line."""
+    for text in lines:
+        try:
+            parse_line(text)
+        except FilterError as error:
+            raise OptionError("target", str(error).replace("filter file line 1: ", "")) from None
