@@ -45,6 +45,7 @@ def exit_on_interrupt(report: Callable[[], int]) -> Iterator[None]:
                 stop()
 
     receiver, sender = socket.socketpair()
+    receiver.setblocking(True)  # waits for ever, whatever socket.setdefaulttimeout() a library has set
     sender.setblocking(False)
     wakeup = signal.set_wakeup_fd(sender.fileno(), warn_on_full_buffer=False)
     handler = signal.signal(signal.SIGINT, stop)
