@@ -66,6 +66,7 @@ def test_a_store_is_deidentified_into_another_with_provenance(
     assert len(studies) == 1 and studies.pop().startswith("2.25.")
     lines = (tmp_path / "prov" / "Provenance.ndjson").read_text().splitlines()
     resources = [json.loads(line) for line in lines]
+    assert run.summary["provenance_written"] == len(resources) == 3  # the operation's, and two instances'
     assert len(resources) == 3
     [operation] = [r for r in resources if "occurredDateTime" in r]
     assert operation["agent"][0]["who"]["identifier"]["system"] == "https://g.co/healthcare/operation"

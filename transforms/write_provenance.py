@@ -39,10 +39,15 @@ class WriteProvenance(beam.PTransform):
         )[DEAD_LETTER]
 
 
+def _ndjson_line(resource: dict[str, Any]) -> str:
+    Metrics.counter(NAMESPACE, "provenance_written").inc()
+    return json.dumps(resource, sort_keys=True)
+
+
 def write_ndjson(directory: str) -> beam.PTransform:
     """`{directory}/Provenance.ndjson`, one resource a line (FHIR bulk-data form), written by Beam's
     own text sink so a local and a gs:// directory behave alike."""
-    return beam.Map(lambda resource: json.dumps(resource, sort_keys=True)) | beam.io.WriteToText(
+    return beam.Map(_ndjson_line) | beam.io.WriteToText(
         f"{directory.rstrip('/')}/Provenance",
         file_name_suffix=".ndjson",
         shard_name_template="",
