@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import logging
 import math
 import statistics
@@ -41,22 +40,17 @@ from pydicom.uid import generate_uid
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import report  # noqa: E402
 from bench.import_parse import valid_sources  # noqa: E402
 from dicomlib.deidentify import DeidConfig, deidentify  # noqa: E402
 
 KEY = b"bench-key-0123456789"
 
 
-def emit(metric: str, ours: float, baseline: float | None, target: float | None, met: bool | None) -> None:
-    ratio = round(ours / baseline, 4) if baseline else None
-    line = {"bench": "deidentify", "metric": metric, "ours": round(ours, 4)}
-    line |= {"baseline": None if baseline is None else round(baseline, 3), "ratio": ratio}
-    line |= {"target": target, "met": met}
-    print(json.dumps(line), flush=True)
+emit = functools.partial(report.emit, "deidentify")
 
 
-def log(message: str) -> None:
-    print(f"# {message}", file=sys.stderr, flush=True)
+log = report.log
 
 
 def ours(path: Path) -> object:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import functools
 import io
 import json
 import socket
@@ -49,6 +50,7 @@ from pydicom.uid import generate_uid
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import report  # noqa: E402
 from bench.import_parse import LARGE, valid_sources  # noqa: E402
 from pipelines import export_dicom  # noqa: E402
 from storage.file_store import INSTANCE_PATH  # noqa: E402
@@ -59,16 +61,10 @@ STORE = "store"
 UPLOAD_THREADS = 8  # only to fill the emulator quickly; both sides then run sequentially
 
 
-def emit(metric: str, ours: float, baseline: float, target: float | None, met: bool | None) -> None:
-    """One result line, as bench/import_parse.py's; target and met are null for informational metrics."""
-    ratio = round(ours / baseline, 4) if baseline else None
-    line = {"bench": "export", "metric": metric, "ours": round(ours, 3)}
-    line |= {"baseline": round(baseline, 3), "ratio": ratio, "target": target, "met": met}
-    print(json.dumps(line), flush=True)
+emit = functools.partial(report.emit, "export")
 
 
-def log(message: str) -> None:
-    print(f"# {message}", file=sys.stderr, flush=True)
+log = report.log
 
 
 # bytes on the wire

@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import functools
 import io
-import json
 import math
 import pstats
 import sys
@@ -48,23 +48,16 @@ from pydicom.uid import generate_uid
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import report  # noqa: E402
 from bench.import_parse import valid_sources  # noqa: E402
 from dicomlib.flatten import flatten  # noqa: E402
 from dicomlib.header import read_header  # noqa: E402
 from storage.objects import MatchedFile, open_ranged  # noqa: E402
 
-
-def emit(metric: str, ours: float, baseline: float | None, target: float | None, met: bool | None) -> None:
-    """One result line, as bench/import_parse.py's; target and met are null for informational metrics."""
-    ratio = round(ours / baseline, 4) if baseline else None
-    line = {"bench": "flatten", "metric": metric, "ours": round(ours, 4)}
-    line |= {"baseline": None if baseline is None else round(baseline, 3), "ratio": ratio}
-    line |= {"target": target, "met": met}
-    print(json.dumps(line), flush=True)
+emit = functools.partial(report.emit, "flatten")
 
 
-def log(message: str) -> None:
-    print(f"# {message}", file=sys.stderr, flush=True)
+log = report.log
 
 
 def make_instances(target: Path, instances: int) -> list[MatchedFile]:

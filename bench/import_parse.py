@@ -14,8 +14,8 @@ versus Beam's FileSystems.match. Ends with one JSON line per metric.
 from __future__ import annotations
 
 import argparse
+import functools
 import io
-import json
 import sys
 import tempfile
 import time
@@ -27,6 +27,7 @@ from pydicom.uid import generate_uid
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import report  # noqa: E402
 from dicomlib.failures import ItemFailed  # noqa: E402
 from dicomlib.header import read_header  # noqa: E402
 from dicomlib.wildcard import parse_pattern  # noqa: E402
@@ -38,12 +39,7 @@ from tests.gcs_emulator import running_emulator, upload_tree  # noqa: E402
 LARGE = 2_000_000  # "multi-MB": the files whose pixel data dominates
 
 
-def emit(metric: str, ours: float, baseline: float, target: float, met: bool) -> None:
-    """One result line; `target` is the issue's target for the ratio, or for `ours` where noted."""
-    ratio = round(ours / baseline, 4) if baseline else None
-    line = {"bench": "import_parse", "metric": metric, "ours": round(ours, 3)}
-    line |= {"baseline": round(baseline, 3), "ratio": ratio, "target": target, "met": met}
-    print(json.dumps(line), flush=True)
+emit = functools.partial(report.emit, "import_parse")
 
 
 def valid_sources() -> list[Path]:

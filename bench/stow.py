@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import json
 import os
@@ -56,6 +57,7 @@ from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import report  # noqa: E402
 from bench.import_parse import make_instances  # noqa: E402
 from dicomlib.wildcard import parse_pattern  # noqa: E402
 from pipelines import import_dicom  # noqa: E402
@@ -71,16 +73,10 @@ CEILING_THREADS = (1, 4, 8, 16)
 BENCH_NAMESPACE = "bench_stow"
 
 
-def emit(metric: str, ours: float, baseline: float, target: float, met: bool) -> None:
-    """One result line, as bench/import_parse.py's; `target` is the target for the ratio."""
-    ratio = round(ours / baseline, 4) if baseline else None
-    line = {"bench": "stow", "metric": metric, "ours": round(ours, 3)}
-    line |= {"baseline": round(baseline, 3), "ratio": ratio, "target": target, "met": met}
-    print(json.dumps(line), flush=True)
+emit = functools.partial(report.emit, "stow")
 
 
-def log(message: str) -> None:
-    print(f"# {message}", file=sys.stderr, flush=True)
+log = report.log
 
 
 # ours
