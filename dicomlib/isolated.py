@@ -19,7 +19,15 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
-from dicomlib.failures import ItemFailed, item_failure
+from dicomlib.failures import ItemFailed, RunFailed, item_failure
+
+TIME_ALLOWED_SECONDS = 600  # the most one call may take, plus TIME_ALLOWED_SECONDS_PER_MB of its file
+TIME_ALLOWED_SECONDS_PER_MB = 10
+
+
+def time_allowed(size: int) -> float:
+    """Seconds a call on a file of `size` bytes may take before its child is stopped."""
+    return TIME_ALLOWED_SECONDS + TIME_ALLOWED_SECONDS_PER_MB * size / 1e6
 
 
 class Isolated:
@@ -47,7 +55,7 @@ class Isolated:
                 raise ItemFailed(self.reason, f"no answer within {timeout:.0f} s: the process was stopped")
             succeeded, value = self.connection.recv()
         except (EOFError, OSError):
-            raise ItemFailed(self.reason, f"the converting process died ({self._end()})") from None
+            raise ItemFailed(self.reason, f"the isolated process died ({self._end()})") from None
         if succeeded:
             return value
         raise value
@@ -99,6 +107,8 @@ def _serve(connection: Connection, reason: str) -> None:
             return
         try:
             connection.send((True, function(*args)))
+        except RunFailed as error:  # not this item's: the parent ends the run with it
+            connection.send((False, RunFailed(str(error))))
         except BaseException as error:  # item_failure re-raises interrupts: the child then ends
             failed = item_failure(error, reason)
             connection.send((False, ItemFailed(failed.reason, failed.detail)))

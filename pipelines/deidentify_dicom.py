@@ -7,8 +7,8 @@
 What the Cloud Healthcare API's dicomStores.deidentify does, on any kind of store: each selected
 instance (all, or what --target lines or a filter file name) is read from the source, de-identified
 (PS3.15 Table E.1-1 profiles, keyed UIDs and date shifts, a local sensitive-text detector) and written
-to the destination; the source is never changed. The key comes from env DEID_KEY (required) and
-appears nowhere in output, logs or Provenance.
+to the destination; the source is never changed. The key comes from env DEID_KEY, or on Dataflow from
+the Secret Manager version --deid_key_secret names, and appears nowhere in output, logs or Provenance.
 """
 
 from __future__ import annotations
@@ -47,9 +47,9 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions) -> None:
         selected.instances
         | "SpreadInstances" >> beam.Reshuffle()
         | "Deidentify"
-        >> beam.ParDo(DeidentifyInstances(source, destination, values.config, operation_id)).with_outputs(
-            DEAD_LETTER, PROVENANCE
-        )
+        >> beam.ParDo(
+            DeidentifyInstances(source, destination, values.config, operation_id, values.deid_key_secret)
+        ).with_outputs(DEAD_LETTER, PROVENANCE)
     )
     failures = [selected[DEAD_LETTER], done[DEAD_LETTER]]
     if values.provenance_destination:

@@ -20,6 +20,7 @@ and to what other clients report of the service, not to our client's assumptions
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import email
 import email.policy
@@ -34,6 +35,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import google_crc32c
 import pydicom
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
@@ -114,6 +116,7 @@ class HealthcareApi:
     in_flight: int = 0
     most_in_flight: int = 0  # DICOMweb requests being answered at once, at most
     lock: threading.Lock = field(default_factory=threading.Lock)
+    secrets: dict[str, bytes] = field(default_factory=dict)  # Secret Manager: version name -> payload
 
     @property
     def root(self) -> str:
@@ -220,6 +223,8 @@ def handler(api: HealthcareApi) -> type[BaseHTTPRequestHandler]:
         def _route(self, url: urllib.parse.SplitResult, body: bytes) -> None:
             if url.path.startswith(operations) and self.command == "GET":
                 return self._operation(url.path[len(f"/{api.version}/") :])
+            if url.path.endswith(":access") and self.command == "GET":
+                return self._access_secret(url.path[len(f"/{api.version}/") : -len(":access")])
             if not url.path.startswith(base):
                 raise ApiError(404, f"{url.path} not found")
             path = url.path[len(base) :]
@@ -338,6 +343,15 @@ def handler(api: HealthcareApi) -> type[BaseHTTPRequestHandler]:
             bulk = f"{api.root}/{STORE}/dicomWeb{instance.path}/bulkdata"
             document = dataset.to_json_dict(1024, lambda element: f"{bulk}/{element.tag:08X}")
             self._json(200, [document], "application/dicom+json")
+
+        def _access_secret(self, name: str) -> None:
+            """Secret Manager's versions.access (served on the same root): the payload, base64, with
+            its CRC32C as a decimal string, as the service answers."""
+            if name not in api.secrets:
+                raise ApiError(404, f"Secret Version [{name}] not found or has no versions.")
+            data = api.secrets[name]
+            payload = {"data": base64.b64encode(data).decode(), "dataCrc32c": str(google_crc32c.value(data))}
+            self._json(200, {"name": name, "payload": payload})
 
         # Deleting, storage class and long-running operations
 

@@ -31,7 +31,7 @@ import pytest
 from google.cloud import storage
 
 from dicomlib.convert import TRANSFER_SYNTAXES
-from pipelines import delete_dicom, export_dicom, export_metadata, import_dicom
+from pipelines import deidentify_dicom, delete_dicom, export_dicom, export_metadata, import_dicom
 from pipelines.options.base import OptionError
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
@@ -40,6 +40,7 @@ PIPELINES: dict[str, ModuleType] = {
     "export_dicom": export_dicom,
     "export_metadata": export_metadata,
     "delete_dicom": delete_dicom,
+    "deidentify_dicom": deidentify_dicom,
 }
 DATAFLOW = [
     "--runner=DataflowRunner",
@@ -57,7 +58,14 @@ BASE = {
     "export_dicom": {"store": "gs://archive/store", "output": "gs://archive/2026-11-23"},
     "export_metadata": {"store": "gs://archive/store", "destination": "bq://my-project.imaging.instances"},
     "delete_dicom": {"store": "https://dicom.example.org/dicom-web", "target": "/studies/1.2.3"},
+    "deidentify_dicom": {
+        "source": "gs://landing/store",
+        "destination": "projects/p/locations/europe-west4/datasets/research/dicomStores/deid",
+        "deid_key_secret": "projects/p/secrets/deid-key/versions/1",
+    },
 }
+# Options that a template requires although the parser does not: they are needed only on Dataflow.
+REQUIRED_ON_DATAFLOW = {"deid_key_secret"}
 
 
 @dataclass
@@ -90,6 +98,28 @@ DESTINATIONS = Examples(
     ],
     local=["./metadata", "/srv/metadata,bq://my-project.d.t"],
 )
+STORES = Examples(
+    valid=[
+        "gs://archive/store",
+        "gs://archive",
+        "gs://archive/store/",
+        "http://localhost:8042/dicom-web",
+        "https://dicom.example.org/dicom-web",
+        "projects/p/locations/europe-west4/datasets/imaging/dicomStores/main",
+    ],
+    invalid=[
+        "",
+        "gs://",
+        "ftp://x",
+        "http://",
+        "http://user:secret@host/dicom-web",
+        "https://host/dicom-web?x=1",
+        "https://host/dicom-web#top",
+        "projects/p/locations/l/datasets/d",
+        "projects/p/locations/l/datasets/d/dicomStores/s/extra",
+    ],
+    local=["./store", "/srv/store"],
+)
 EXAMPLES = {
     "input": Examples(
         valid=[
@@ -117,28 +147,8 @@ EXAMPLES = {
         ],
         local=["incoming/**.dcm", "/data/landing/*.dcm", "ftp://x/y.dcm"],  # the last is a relative path
     ),
-    "store": Examples(
-        valid=[
-            "gs://archive/store",
-            "gs://archive",
-            "gs://archive/store/",
-            "http://localhost:8042/dicom-web",
-            "https://dicom.example.org/dicom-web",
-            "projects/p/locations/europe-west4/datasets/imaging/dicomStores/main",
-        ],
-        invalid=[
-            "",
-            "gs://",
-            "ftp://x",
-            "http://",
-            "http://user:secret@host/dicom-web",
-            "https://host/dicom-web?x=1",
-            "https://host/dicom-web#top",
-            "projects/p/locations/l/datasets/d",
-            "projects/p/locations/l/datasets/d/dicomStores/s/extra",
-        ],
-        local=["./store", "/srv/store"],
-    ),
+    "store": STORES,
+    "source": STORES,
     "storage_class": Examples(
         valid=["STANDARD", "NEARLINE", "COLDLINE", "ARCHIVE", "nearline"],
         invalid=["", "GLACIER", "STANDARD,NEARLINE"],
@@ -152,6 +162,23 @@ EXAMPLES = {
     ),
     "metadata_destination": DESTINATIONS,
     "destination": DESTINATIONS,
+    "config": Examples(
+        valid=['{"dicom": {"filterProfile": "DEIDENTIFY_TAG_CONTENTS"}}', "{}", ' {"image": {}} '],
+        invalid=["gs://", '{"dicom": [', "ftp://x/config.json"],
+    ),
+    "deid_key_secret": Examples(
+        valid=["projects/p/secrets/deid-key/versions/1", "projects/p/secrets/k_2/versions/latest"],
+        invalid=["", "projects/p/secrets/deid-key", "projects/p/secrets/k/versions/0", "deid-key"],
+    ),
+    "provenance_destination": Examples(
+        valid=[
+            "gs://archive/provenance",
+            "https://fhir.example.org/fhir",
+            "projects/p/locations/europe-west4/datasets/research/fhirStores/provenance",
+        ],
+        invalid=["gs://", "ftp://x/provenance", "projects/p/locations/l/datasets/d/fhirStores"],
+        local=["./provenance"],
+    ),
     "max_columns": Examples(valid=["1", "10000"], invalid=["0", "-5", "abc", ""]),
     "exclude_vr": Examples(
         valid=["SQ", "sq", "SQ,PN", "SQ, PN", "OB,OW,UN"], invalid=["XX", "SQ,XX", "S", "SQPN"]
@@ -216,11 +243,15 @@ def argv(name: str, **values: str) -> list[str]:
     return DATAFLOW + [f"--{key}={value}" for key, value in options.items() if value is not None]
 
 
+def examples_of(name: str, option: str) -> Examples:
+    return STORES if (name, option) == ("deidentify_dicom", "destination") else EXAMPLES[option]
+
+
 def examples(kind: str) -> list:
     cases = []
     for name, module in PIPELINES.items():
         for option in module.PIPELINE.options:
-            for value in getattr(EXAMPLES[option], kind):
+            for value in getattr(examples_of(name, option), kind):
                 cases.append(pytest.param(name, option, value, id=f"{name}-{option}-{value!r}"))
     return cases
 
@@ -260,16 +291,19 @@ def test_metadata_lists_the_options_of_the_pipelines_groups(name: str) -> None:
     for parameter in meta["parameters"]:
         assert set(parameter) == {"name", "label", "helpText", "isOptional", "regexes"}
         assert parameter["label"].strip() and parameter["helpText"].strip()
-        assert parameter["isOptional"] is not bool(options[parameter["name"]].required)
+        required = bool(options[parameter["name"]].required) or parameter["name"] in REQUIRED_ON_DATAFLOW
+        assert parameter["isOptional"] is not required
         [pattern] = parameter["regexes"]
         assert pattern.startswith("^") and pattern.endswith("$")
 
 
 def test_an_option_has_one_regex_in_every_template() -> None:
-    seen: dict[str, str] = {}
+    """One regex per option, and per meaning: deidentify_dicom's destination is a store, not tables."""
+    seen: dict[tuple[str, bool], str] = {}
     for name in PIPELINES:
         for option, parameter in parameters(name).items():
-            assert seen.setdefault(option, parameter["regexes"][0]) == parameter["regexes"][0], option
+            meaning = (option, examples_of(name, option) is STORES)
+            assert seen.setdefault(meaning, parameter["regexes"][0]) == parameter["regexes"][0], option
 
 
 def test_every_option_has_examples() -> None:
@@ -317,6 +351,14 @@ LAUNCHES = {
         "store": "http://dicom.invalid/dicom-web",
         "filter_file": FILTER_URI,
         "metadata_destination": "bq://my-project.imaging.instances",
+    },
+    "deidentify_dicom": {
+        "source": "projects/p/locations/europe-west4/datasets/imaging/dicomStores/main",
+        "destination": "http://dicom.invalid/dicom-web",
+        "filter_file": FILTER_URI,
+        "config": '{"dicom": {"filterProfile": "DEIDENTIFY_TAG_CONTENTS"}}',
+        "provenance_destination": "projects/p/locations/europe-west4/datasets/research/fhirStores/provenance",
+        "deid_key_secret": "projects/p/secrets/deid-key/versions/1",
     },
 }
 
@@ -369,14 +411,19 @@ def launcher() -> ModuleType:
 def test_launcher_runs_the_launched_templates_pipeline(capsys: pytest.CaptureFixture[str]) -> None:
     """Each template's parameters, all of them or its required ones, lead to its own pipeline."""
     launch = launcher()
-    for marker, name in launch.MARKERS.items():  # each marker is one pipeline's own required option
-        assert [other for other, module in PIPELINES.items() if marker in module.PIPELINE.options] == [name]
+    for marker, name in launch.MARKERS.items():  # each marker is a required option of its pipeline
         assert PIPELINES[name].PIPELINE.options[marker] is True
+        takers = [other for other, module in PIPELINES.items() if marker in module.PIPELINE.options]
+        assert takers == [name] or (marker, takers) == (
+            "destination",
+            ["export_metadata", "deidentify_dicom"],
+        )
     for name, module in PIPELINES.items():
         others = [option for option in module.PIPELINE.options if option not in BASE[name]]
         everything = argv(name) + [f"--{option}=x" for option in others]
         assert launch.pipeline_for(argv(name)) == launch.pipeline_for(everything) == name
     assert launch.pipeline_for(DATAFLOW + ["--filter_file=gs://f/x.txt", "--store=gs://s"]) == "delete_dicom"
+    assert launch.pipeline_for(["--destination=gs://d", "--source=gs://s"]) == "deidentify_dicom"
     with pytest.raises(ValueError, match="export_dicom and import_dicom"):
         launch.pipeline_for(["--input=gs://a/*.dcm", "--output", "gs://b"])
     assert launch.main(["--input=gs://a/*.dcm", "--output=gs://b"]) == 2
@@ -570,7 +617,8 @@ def test_build_does_not_rebuild_a_tag_the_registry_has(checkout: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "in the registry already: not rebuilt" in done.stderr
     assert not [call for call in calls if call.startswith(("docker build", "docker push"))]
-    assert len([call for call in calls if call.startswith("gcloud dataflow flex-template build")]) == 4
+    built = [call for call in calls if call.startswith("gcloud dataflow flex-template build")]
+    assert len(built) == len(PIPELINES)
 
 
 @pytest.mark.parametrize(

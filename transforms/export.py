@@ -8,17 +8,15 @@ from collections.abc import Iterator
 import apache_beam as beam
 
 from dicomlib.failures import item_failure
-from dicomlib.isolated import Isolated
-from dicomlib.uids import InstanceRef, valid_uid
+from dicomlib.isolated import Isolated, time_allowed
+from dicomlib.uids import InstanceRef
 from storage.export_files import convert_file
 from storage.objects import is_gcs, join
 from storage.staging import clean_staging
 from transforms import progress
 from transforms.store_dofn import StoreDoFn
 
-STAGES = {"invalid_uid": "select", "not_found": "read", "read_error": "read", "write_error": "write"}
-CONVERT_SECONDS = 600  # the most a conversion may take, plus CONVERT_SECONDS_PER_MB of its file
-CONVERT_SECONDS_PER_MB = 10
+STAGES = {"not_found": "read", "read_error": "read", "write_error": "write"}
 
 
 class ExportInstances(StoreDoFn):
@@ -45,11 +43,11 @@ class ExportInstances(StoreDoFn):
             clean_staging(self.output)
 
     def process(self, ref: InstanceRef) -> Iterator[str | beam.pvalue.TaggedOutput]:
-        path = ref.path()
-        bad = next((uid for uid in ref if not valid_uid(uid)), None)
-        if bad is not None:  # a UID from the store becomes a path only if it is a valid UID
-            yield self._fail(path, "invalid_uid", f"{bad[:80]!r} is not 1-64 digits and dots")
+        invalid = self.invalid_uid(ref)
+        if invalid is not None:
+            yield invalid
             return
+        path = ref.path()
         stem = join(self.output, ref.study, ref.series, ref.sop)
         try:
             written = self._export(ref, stem)
@@ -73,9 +71,14 @@ class ExportInstances(StoreDoFn):
         with self.store.spool(ref) as local:
             size = os.path.getsize(local)
             self.count("bytes_through_worker", size)
-            timeout = CONVERT_SECONDS + CONVERT_SECONDS_PER_MB * size / 1e6
             return self.converter.call(
-                convert_file, local, stem, self.file_type, self.transfer_syntax, self.output, timeout=timeout
+                convert_file,
+                local,
+                stem,
+                self.file_type,
+                self.transfer_syntax,
+                self.output,
+                timeout=time_allowed(size),
             )
 
     def _fail(self, path: str, reason: str, detail: str) -> beam.pvalue.TaggedOutput:

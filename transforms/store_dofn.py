@@ -8,6 +8,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from dicomlib import NAMESPACE
+from dicomlib.uids import InstanceRef, valid_uid
 from storage.store import Store
 from storage.stores import open_store
 from transforms.dead_letter import failure
@@ -42,3 +43,13 @@ class StoreDoFn(beam.DoFn):
         if counter:
             self.count(counter)
         return failure(uri, stage, reason, detail)
+
+    def invalid_uid(self, ref: InstanceRef) -> beam.pvalue.TaggedOutput | None:
+        """The dead letter of an instance the store lists with a malformed UID (a UID becomes a path
+        only if it is a valid UID); None when its UIDs are valid."""
+        bad = next((uid for uid in ref if not valid_uid(uid)), None)
+        if bad is None:
+            return None
+        return self.dead_letter(
+            ref.path(), "select", "invalid_uid", f"{bad[:80]!r} is not 1-64 digits and dots"
+        )

@@ -43,6 +43,7 @@ from pydicom.uid import (
 
 from dicomlib.convert import _eight_bit, _frame_view, _quiet, _source_syntax, transcode
 from dicomlib.deidentify import text
+from dicomlib.failures import RunFailed
 
 REDACT_NO_TEXT, REDACT_ALL_TEXT, REDACT_SENSITIVE_TEXT, CLEAN_DESCRIPTORS = (
     "REDACT_NO_TEXT",
@@ -65,8 +66,9 @@ LOSSLESS_ENCODABLE = (
 )
 
 
-class OcrUnavailable(RuntimeError):
-    """The tesseract command is not installed (Debian: apt-get install tesseract-ocr)."""
+class OcrUnavailable(RunFailed):
+    """The tesseract command is not installed (Debian: apt-get install tesseract-ocr): every instance
+    would fail alike, so the run ends."""
 
 
 @dataclass(frozen=True)

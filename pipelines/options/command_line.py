@@ -63,9 +63,14 @@ def parse(name: str, doc: str, groups: Sequence[type[Group]], argv: Sequence[str
 
 
 def _read(option: Option, values: EtlOptions) -> None:
-    """What every option shares: repeated values split, a required option given."""
+    """What every option shares: repeated values split (given, they name something: an empty
+    `--target=` must not widen a run to the whole store), a required option given."""
     if option.repeatable:
-        setattr(values, option.name, repeated(getattr(values, option.name)))
+        given = getattr(values, option.name)
+        parts = repeated(given)
+        if given and not parts:
+            raise OptionError(option.name, "given with no value")
+        setattr(values, option.name, parts)
     if option.required and not getattr(values, option.name):
         raise OptionError(option.name, f"required: {option.required}")
 

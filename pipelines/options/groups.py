@@ -19,6 +19,7 @@ from schemas.bigquery import MAX_COLUMNS
 from storage.destination import BIGQUERY_TABLE, MAX_DESTINATIONS, WRITE_DISPOSITIONS
 from storage.fhir import check_fhir_location, is_fhir_server
 from storage.objects import is_gcs, read_bytes, read_filter, split_gcs
+from storage.secrets import SECRET_VERSION
 from storage.store import STORAGE_CLASSES
 
 
@@ -179,7 +180,8 @@ class Targets(Selection):
     options = (
         Option(
             "target",
-            "What to delete, as a filter line: /studies/UID[/series/UID[/instances/UID]] (repeatable).",
+            "A study, series or instance, as a filter line: /studies/UID[/series/UID[/instances/UID]] "
+            "(repeatable).",
             repeatable=True,
         ),
         *Selection.options,
@@ -343,7 +345,9 @@ class DeidentifyStores(Group):
 
 class Deidentification(Group):
     """deidentify_dicom: what it does (the Healthcare API's DeidentifyConfig) and where its Provenance
-    goes. The key comes from the environment (DEID_KEY), never from an option: options are logged."""
+    goes. The key comes from the environment (DEID_KEY) or, where workers do not share the launcher's
+    environment (Dataflow), from a Secret Manager version the workers read: never from an option's
+    value, as options are logged."""
 
     title = "de-identification"
     options = (
@@ -352,6 +356,12 @@ class Deidentification(Group):
             "A local or gs:// JSON file, or inline JSON: the DICOM parts of the Cloud Healthcare API's "
             "DeidentifyConfig (dicom.filterProfile, dicom.keepList/removeList, dicom.skipIdRedaction, "
             "image.textRedactionMode). Default: the basic profile. The key comes from env DEID_KEY.",
+        ),
+        Option(
+            "deid_key_secret",
+            "Instead of env DEID_KEY (on Dataflow, whose workers do not see the launcher's environment): "
+            "the Secret Manager version holding the key, projects/P/secrets/S/versions/V, read by each "
+            "worker with its credentials. Pin a version number: another key gives other UIDs.",
         ),
         Option(
             "provenance_destination",
@@ -364,9 +374,22 @@ class Deidentification(Group):
 
     @classmethod
     def check(cls, options: EtlOptions) -> None:
-        if not os.environ.get("DEID_KEY"):
+        if options.deid_key_secret is not None:
+            if os.environ.get("DEID_KEY"):
+                raise OptionError("deid_key_secret", "give the key one way: DEID_KEY is set as well")
+            if not SECRET_VERSION.fullmatch(options.deid_key_secret):
+                raise OptionError(
+                    "deid_key_secret", f"{options.deid_key_secret!r} is not projects/P/secrets/S/versions/V"
+                )
+        elif not is_local(options):
             raise OptionError(
-                None, "DEID_KEY: the environment variable with the de-identification key is not set"
+                "deid_key_secret", "required on a distributed runner, whose workers do not see env DEID_KEY"
+            )
+        elif not os.environ.get("DEID_KEY"):
+            raise OptionError(
+                None,
+                "DEID_KEY: the environment variable with the de-identification key is not set "
+                "(or give --deid_key_secret)",
             )
         text = options.config or ""
         if text and not text.lstrip().startswith("{"):
