@@ -23,13 +23,17 @@ class FhirServer:
         self.root = f"http://127.0.0.1:{port}"
         self.base = f"{self.root}{BASE}"
 
-    def provenance(self, token: str | None = None) -> list[dict[str, Any]]:
-        """Every Provenance the server holds, following the search's `next` links."""
+    def provenance(self, token: str | None = None, **search: str) -> list[dict[str, Any]]:
+        """Every Provenance the server holds that matches `search` (parameter: value), following the
+        search's `next` links."""
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        url: str | None = f"{self.base}/Provenance?_count=1000"
+        url: str | None = f"{self.base}/Provenance"
+        query: dict[str, str] | None = {"_count": "1000", **search}
         found: list[dict[str, Any]] = []
         while url:
-            bundle = requests.get(url, headers=headers, timeout=30).json()
+            answer = requests.get(url, params=query, headers=headers, timeout=30)
+            assert answer.status_code == 200, answer.text
+            bundle, query = answer.json(), None  # a `next` link carries the query
             found += [entry["resource"] for entry in bundle.get("entry", [])]
             url = next((link["url"] for link in bundle.get("link", []) if link["relation"] == "next"), None)
         return found

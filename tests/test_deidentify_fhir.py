@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from fhir.resources.R4B.provenance import Provenance
 from pydicom import dcmread
 
@@ -62,14 +63,26 @@ def source_instances(source: Path) -> list[str]:
     )
 
 
-def by_source_instance(resources: list[dict[str, Any]], instance: str) -> list[dict[str, Any]]:
-    """medplum's in-memory search cannot match a reference by its identifier (`entity:identifier`
-    finds nothing), so the resources are read and matched here on entity.what.identifier.value."""
-    return [
-        r
-        for r in resources
-        if any(e["what"].get("identifier", {}).get("value") == instance for e in r["entity"])
-    ]
+# Seed 004's custom search on the source instance, created on the server as the seed does.
+LOOKUP_SOURCE_INSTANCE = {
+    "resourceType": "SearchParameter",
+    "url": "lookup-source-instance",
+    "base": ["Provenance"],
+    "code": "lookup-source-instance",
+    "name": "look up the source DICOM instance",
+    "type": "string",
+    "expression": "Provenance.entity.what.identifier.value",
+    "status": "active",
+    "description": "A search on the source DICOM instance",
+}
+
+
+def by_source_instance(fhir: FhirServer, instance: str) -> list[dict[str, Any]]:
+    """The Provenance of one source instance, found as the seed finds it:
+    `Provenance?lookup-source-instance:contains=studies/.../instances/...`."""
+    created = requests.post(f"{fhir.base}/SearchParameter", json=LOOKUP_SOURCE_INSTANCE, timeout=30)
+    assert created.status_code == 201, created.text
+    return fhir.provenance(**{"lookup-source-instance:contains": instance[instance.index("studies/") :]})
 
 
 def valid_r4(resource: dict[str, Any]) -> None:
@@ -95,9 +108,9 @@ def test_provenance_goes_to_a_fhir_server_one_per_instance_plus_the_operation(
     resources = fhir.provenance()
     instances = source_instances(source)
     assert len(instances) == 2
-    mine = [r for instance in instances for r in by_source_instance(resources, instance)]
-    assert len(mine) == len(instances)
-    [operation] = by_source_instance(resources, str(source))
+    mine = [r for instance in instances for r in by_source_instance(fhir, instance)]
+    assert [r["entity"][0]["what"]["identifier"]["value"] for r in mine] == instances
+    [operation] = [r for r in resources if r["entity"][0]["what"]["identifier"]["value"] == str(source)]
     assert operation["agent"][0]["who"]["identifier"]["system"] == "https://g.co/healthcare/operation"
     for resource in mine:
         assert resource["agent"][0]["who"]["reference"] == f"Provenance/{operation['id']}"

@@ -11,8 +11,8 @@ import pytest
 from pydicom import dcmread
 
 from tests.beam_support import filled_store
-from tests.conftest import run_pipeline
 from tests.command_line import Place
+from tests.conftest import run_pipeline
 from tests.healthcare_server import running_healthcare_api
 from tests.test_deidentify import PHI, planted
 

