@@ -228,6 +228,30 @@ def test_clean_descriptors_cleans_descriptor_attributes_and_provenance_lists_the
     assert all(0 <= value <= 1 for value in relative)
 
 
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [
+        ("REDACT_SENSITIVE_TEXT_CLEAN_DESCRIPTORS", "CT on [CTX] for [PERSON_NAME]"),
+        ("REDACT_SENSITIVE_TEXT", "CT on SCANNER-SEVEN for Mary Major"),
+    ],
+)
+def test_clean_descriptors_replaces_values_the_basic_profile_removes_with_ctx(
+    mode: str, expected: str
+) -> None:
+    """The Healthcare API's Clean Descriptors Option: a phrase in a descriptor matching the value of an
+    attribute the Basic Profile removes (StationName: X/Z/D) becomes [CTX]; the patient's own values
+    keep their own infoType. Without the option, descriptors are left alone under KEEP_ALL."""
+    ds = burnt_in()
+    ds.PatientName = "Major^Mary"
+    ds.StationName = "SCANNER-SEVEN"
+    ds.SeriesDescription = "CT on SCANNER-SEVEN for Mary Major"
+    result = deidentify(ds, config(mode), KEY)
+    assert result.dataset.SeriesDescription == expected
+    if mode.endswith("CLEAN_DESCRIPTORS"):
+        [record] = [r for r in result.records if r.tag_id == "0008103E"]
+        assert [finding.info_type for finding in record.findings] == ["CTX", "PERSON_NAME"]
+
+
 def test_deidentify_dicom_redacts_all_text_end_to_end(tmp_path: Path) -> None:
     path = tmp_path / "burnt.dcm"
     burnt_in().save_as(path, enforce_file_format=True)

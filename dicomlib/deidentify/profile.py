@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -162,6 +163,10 @@ class _Run:
         self.config = config
         self.key = key
         self.terms = text.own_terms(ds)
+        # descriptors are cleaned of the patient's terms and, in CLEAN_DESCRIPTORS, of removed values
+        self.descriptor_terms = self.terms
+        if config.text_redaction_mode == pixels.CLEAN_DESCRIPTORS:
+            self.descriptor_terms = self.terms + text.context_terms(_removed_values(ds), self.terms)
         patient = str(ds.get("PatientID", "") or ds.get("PatientName", "") or ds.get("StudyInstanceUID", ""))
         self.days = shift_days(patient, key)
         self.shifted = False
@@ -287,12 +292,26 @@ class _Run:
             if vr == "PN":
                 found = [text.Finding(0, len(value_text.encode()), text.PERSON_NAME, value_text, 1.0)]
             else:
-                found = text.find(value_text, self.terms)
+                terms = self.descriptor_terms if element.keyword in DESCRIPTORS else self.terms
+                found = text.find(value_text, terms)
             findings += found
             cleaned.append(text.redact(value_text, found) if found else value_text)
         if findings:
             element.value = cleaned if len(cleaned) > 1 else cleaned[0]
             self.record(path, CLEANED, f"Matched VR: {vr}", findings=findings, replaced=cleaned)
+
+
+def _removed_values(ds: Dataset) -> Iterator[str]:
+    """The text values of the top-level attributes whose Basic Profile action removes or replaces them
+    (D, Z, X, U and their combinations), descriptors aside: the contextual phrases of the Clean
+    Descriptors Option."""
+    for element in ds:
+        action = basic_action(int(element.tag))
+        if action in (None, "K", "C") or element.keyword in DESCRIPTORS:
+            continue
+        if element.VR not in TEXT_VRS or element.value in (None, ""):
+            continue
+        yield from (str(value) for value in (element.value if element.VM > 1 else [element.value]))
 
 
 def _resolve(code: str, vr: str) -> str:

@@ -25,6 +25,9 @@ PERSON_NAME, DATE, PHONE, EMAIL, ID, AGE, LOCATION = (
     "AGE",
     "LOCATION",
 )
+# The Healthcare API's Clean Descriptors Option: a phrase in a descriptor that matches the value of an
+# attribute the Basic Profile removes becomes `[CTX]`.
+CONTEXT = "CTX"
 
 
 def words(text: str) -> frozenset[str]:
@@ -170,6 +173,18 @@ def own_terms(ds: Dataset) -> list[Term]:
         if item.get("PatientID"):
             terms.setdefault(str(item.PatientID).strip(), ID)
     return sorted((Term(text, kind) for text, kind in terms.items()), key=lambda term: -len(term.text))
+
+
+def context_terms(values: Iterable[str], own: Iterable[Term]) -> list[Term]:
+    """CONTEXT terms: each value of three characters or more (a name's parts joined by spaces) that
+    is not one of the patient's own terms already, longest first."""
+    known = {term.text.lower() for term in own}
+    found: dict[str, str] = {}
+    for value in values:
+        phrase = " ".join(part for part in re.split(r"[\^=]", value) if part.strip()).strip()
+        if len(phrase) >= 3 and phrase.lower() not in known:
+            found.setdefault(phrase, CONTEXT)
+    return sorted((Term(text, kind) for text, kind in found.items()), key=lambda term: -len(term.text))
 
 
 def _parts(value: str, info_type: str) -> Iterable[str]:
