@@ -13,6 +13,7 @@ from pydicom.data import get_testdata_file
 from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
+from pydicom.uid import ImplicitVRLittleEndian
 
 from dicomlib.deidentify import ConfigError, deidentify, parse_config
 from dicomlib.deidentify.profile import BASIC, KEEP_ALL, MINIMAL, TAG_CONTENTS
@@ -91,6 +92,32 @@ def test_no_planted_phi_in_any_byte_after_each_profile(profile: str) -> None:
     assert again.DeidentificationMethodCodeSequence[0].CodeValue == "113100"
     assert again.file_meta.MediaStorageSOPInstanceUID == again.SOPInstanceUID
     assert source.PatientName == "Quixley^Jonathan"  # the source is never changed
+
+
+def read_back(ds: Dataset, encoding: str) -> Dataset:
+    """`ds` as read from a file, its values still raw bytes: explicit VR, implicit VR (no VR in the file),
+    or explicit with every text attribute's VR written as UN (a converter that lost the VRs)."""
+    if encoding == "implicit":
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    if encoding == "un":
+        for element in ds.iterall():
+            if element.VR in ("LO", "LT", "PN", "SH", "ST", "UT", "DA") and element.value:
+                raw = (
+                    element.value.encode() if isinstance(element.value, str) else str(element.value).encode()
+                )
+                element.VR, element.value = "UN", raw + b" " * (len(raw) % 2)
+    return dcmread(io.BytesIO(as_bytes(ds)))
+
+
+@pytest.mark.parametrize("encoding", ["explicit", "implicit", "un"])
+@pytest.mark.parametrize("profile", [BASIC, MINIMAL, TAG_CONTENTS])
+def test_no_planted_phi_in_any_byte_of_an_instance_read_from_a_file(profile: str, encoding: str) -> None:
+    """As the pipeline reads them: values not yet converted, and a VR from the file, from the
+    dictionary (implicit VR) or to be replaced by the dictionary's (UN)."""
+    source = read_back(planted(), encoding)
+    assert all(phi.encode() in as_bytes(source) for phi in PHI)
+    out = as_bytes(deidentify(source, config_for(profile), KEY, in_place=True).dataset)
+    assert [phi for phi in PHI if phi.encode() in out or phi.upper().encode() in out] == []
 
 
 def test_keep_all_keeps_attributes_but_replaces_uids() -> None:

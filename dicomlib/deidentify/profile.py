@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydicom.datadict import keyword_for_tag
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
@@ -179,10 +180,9 @@ class _Run:
 
     def walk(self, ds: Dataset, prefix: str = "") -> None:
         for tag in list(ds.keys()):
-            element = ds[tag]
-            self.element(ds, tag, element, f"{prefix}{int(tag):08X}")
+            self.element(ds, tag, f"{prefix}{int(tag):08X}")
 
-    def element(self, ds: Dataset, tag: BaseTag, element: DataElement, path: str) -> None:
+    def element(self, ds: Dataset, tag: BaseTag, path: str) -> None:
         config = self.config
         if tag in config.remove_tags:
             del ds[tag]
@@ -198,28 +198,29 @@ class _Run:
                 del ds[tag]
                 self.record(path, DELETED, "Matched expression: private attribute")
             return
-        action = self.action(tag, element)
-        self.apply(ds, tag, element, action, path)
+        action = self.action(tag, _vr(ds, tag))
+        if action != "K":  # a kept value is never converted from its bytes: most of them are kept
+            self.apply(ds, tag, ds[tag], action, path)
 
-    def action(self, tag: BaseTag, element: DataElement) -> str:
-        """The single action code for this attribute under the profile."""
+    def action(self, tag: BaseTag, vr: str) -> str:
+        """The single action code for this attribute, of this VR, under the profile."""
         profile = self.config.profile
         table = basic_action(int(tag))
-        if table is not None and "U" in table and element.VR == "UI":
+        if table is not None and "U" in table and vr == "UI":
             return "K" if self.config.skip_id_redaction else "U"
         if profile == BASIC:
-            return _resolve(table, element.VR) if table else ("R" if element.VR == "SQ" else "K")
+            return _resolve(table, vr) if table else ("R" if vr == "SQ" else "K")
         if profile == MINIMAL:
-            keyword = element.keyword
+            keyword = keyword_for_tag(tag)
             if keyword in MINIMAL_KEEP:
                 return "K"
             return "Z" if keyword in MINIMAL_EMPTY else "X"
         if profile == KEEP_ALL:
-            return "R" if element.VR == "SQ" else "K"
+            return "R" if vr == "SQ" else "K"
         # DEIDENTIFY_TAG_CONTENTS
-        if element.VR == "SQ":
+        if vr == "SQ":
             return "R"
-        if element.VR in TEXT_VRS or element.VR in ("DA", "DT", "AS"):
+        if vr in TEXT_VRS or vr in ("DA", "DT", "AS"):
             return "C"
         return "K"
 
@@ -299,6 +300,14 @@ class _Run:
         if findings:
             element.value = cleaned if len(cleaned) > 1 else cleaned[0]
             self.record(path, CLEANED, f"Matched VR: {vr}", findings=findings, replaced=cleaned)
+
+
+def _vr(ds: Dataset, tag: BaseTag) -> str:
+    """The element's VR as its conversion would give it, without converting a value when the file
+    says it: an implicit VR (None) or UN (which pydicom replaces with the dictionary's) converts."""
+    raw = ds.get_item(tag)
+    vr = raw.VR if raw is not None else None
+    return vr if vr and vr != "UN" else ds[tag].VR
 
 
 def _removed_values(ds: Dataset) -> Iterator[str]:
