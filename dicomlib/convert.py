@@ -51,7 +51,7 @@ from pydicom.uid import (
 )
 
 from dicomlib.failures import ItemFailed, describe, item_failure
-from dicomlib.header import check_inflated_size
+from dicomlib.header import check_header, check_inflated_size
 
 FILE_TYPES = {"dicom": "dcm", "octet-stream": "bin", "jpeg": "jpg", "png": "png"}
 TRANSFER_SYNTAXES: dict[str, str] = {
@@ -77,9 +77,16 @@ ITEM, SEQUENCE_DELIMITER = (0xFFFE, 0xE000), (0xFFFE, 0xE0DD)
 def read_instance(source: BinaryIO) -> Dataset:
     """The whole instance, pixels as stored, for conversion, from a seekable binary file.
 
-    A deflated data set is measured in bounded steps first (pydicom inflates it at once): past
-    MAX_INFLATED it is too_large, so a small deflate bomb cannot take the worker's memory.
+    Its header is checked first, within header.py's bounds, so that a file that is not whole,
+    well-formed DICOM fails with the reason an import gives it (truncated, malformed, too_large...)
+    before pydicom reads all of it. A deflated data set is measured in bounded steps too (pydicom
+    inflates it at once): past MAX_INFLATED it is too_large, so a small deflate bomb cannot take the
+    worker's memory.
     """
+    size = source.seek(0, io.SEEK_END)
+    source.seek(0)
+    check_header(source, size)
+    source.seek(0)
     with _quiet(), _cannot("read the file"):
         check_inflated_size(source, MAX_INFLATED)
         source.seek(0)

@@ -38,6 +38,9 @@ UNDEFINED = 0xFFFFFFFF
 ITEM, SEQUENCE_END = 0xFFFEE000, 0xFFFEE0DD
 PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})  # Float, Double Float and Pixel Data
 MAX_HEADER_BYTES = 64 * 1024 * 1024  # what parsing may hold of one header (inflated): more is too_large
+# Reads pydicom may make of one header (one to three a data element): a hostile file of millions of
+# empty elements (8 bytes each) would otherwise cost a minute of CPU within MAX_HEADER_BYTES.
+MAX_READS = 2_000_000
 DEFER_BYTES = 1_000_000  # larger values are skipped, not read: the table drops them as too_large anyway
 INFLATE_CHUNK = 1024 * 1024
 
@@ -55,15 +58,17 @@ def read_header(stream: BinaryIO, size: int) -> Header:
 
     An error reading the source itself (SourceReadError) passes through: the caller's read_error.
     """
-    dataset = _parse(stream, size)
+    dataset = check_header(stream, size)
     study, series, sop = (
         _uid(dataset, key) for key in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
     )
     return Header(study, series, sop, dataset)
 
 
-def _parse(stream: BinaryIO, size: int) -> Dataset:
-    """The header, holding at most MAX_HEADER_BYTES of it whatever lengths the file declares."""
+def check_header(stream: BinaryIO, size: int) -> Dataset:
+    """The header of a whole, well-formed DICOM file, its UIDs unchecked; ItemFailed with not_dicom,
+    truncated, malformed or too_large. Holds at most MAX_HEADER_BYTES of it whatever lengths the
+    file declares."""
     try:
         try:
             dataset = pydicom.dcmread(
@@ -94,8 +99,9 @@ class _Deflated(Exception):
 class _Budget:
     """The stream as pydicom reads it, refusing to hand over more than MAX_HEADER_BYTES.
 
-    Values skipped (deferred) cost nothing; only bytes read count. pydicom reads "everything left"
-    only to inflate a deflated data set, which is done here instead, in bounded steps.
+    Values skipped (deferred) cost nothing; only bytes read count, and reads (MAX_READS). pydicom
+    reads "everything left" only to inflate a deflated data set, which is done here instead, in
+    bounded steps.
     """
 
     def __init__(self, stream: BinaryIO, size: int) -> None:
@@ -103,10 +109,14 @@ class _Budget:
         self.size = size
         self.name = getattr(stream, "name", None)
         self.left = MAX_HEADER_BYTES
+        self.reads_left = MAX_READS
 
     def read(self, size: int = -1) -> bytes:
         if size is None or size < 0:
             raise _Deflated(self.stream.tell())
+        self.reads_left -= 1
+        if self.reads_left < 0:
+            raise ItemFailed("too_large", f"the header takes more than {MAX_READS} reads (data elements)")
         if size > self.left:
             position = self.stream.tell()
             if position + size > self.size:  # a length that runs past the end: not a large value
@@ -135,8 +145,14 @@ def _parse_deflated(stream: BinaryIO, data_set_start: int) -> Dataset:
     buffer = io.BytesIO(inflated)
     try:
         dataset = read_dataset(
-            buffer, False, True, stop_when=lambda tag, *_: tag in PIXEL_TAGS, defer_size=DEFER_BYTES
+            _Budget(buffer, len(inflated)),  # type: ignore[arg-type]  # what pydicom calls of a file
+            False,
+            True,
+            stop_when=lambda tag, *_: tag in PIXEL_TAGS,
+            defer_size=DEFER_BYTES,
         )
+    except ItemFailed:
+        raise
     except Exception:
         if cut:
             raise _too_large_inflated() from None

@@ -14,7 +14,6 @@ from pydicom.dataset import Dataset
 from dicomlib.convert import read_instance
 from dicomlib.deidentify import DeidConfig, Result, deidentify, parse_config
 from dicomlib.failures import ItemFailed
-from dicomlib.header import read_header
 from dicomlib.uids import InstanceRef, valid_uid
 
 IMAGE_SIZE = ("Rows", "Columns")  # what the Provenance reads of the new data set
@@ -30,9 +29,7 @@ def deidentify_file(source: str, target: str, config_text: str, key: bytes) -> D
     """Write the de-identified copy of the instance in `source` to `target`. A source that is not a
     whole, valid DICOM file fails with the reason a read gives it (truncated, malformed, ...)."""
     with open(source, "rb") as stream:
-        read_header(stream, os.path.getsize(source))
-        stream.seek(0)
-        ds = read_instance(stream)  # bounded: a deflate bomb is too_large
+        ds = read_instance(stream)  # its header checked first; bounded: a deflate bomb is too_large
     result = deidentify(ds, _config(config_text), key, in_place=True)  # read for this alone
     out = result.dataset
     ref = InstanceRef(str(out.StudyInstanceUID), str(out.SeriesInstanceUID), str(out.SOPInstanceUID))

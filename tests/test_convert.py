@@ -25,6 +25,7 @@ from pydicom.pixels import pixel_array, unpack_bits
 
 from dicomlib.convert import TRANSFER_SYNTAXES, frames, read_instance, render, transcode
 from dicomlib.failures import ItemFailed
+from dicomlib.header import check_header
 
 pytestmark = pytest.mark.filterwarnings("ignore")  # pydicom warns about many odd corpus files
 
@@ -66,8 +67,10 @@ class Instance:
 
 
 def read(data: bytes) -> Dataset | None:
-    """The data set, or None for a file pydicom cannot read at all (text, no 'DICM', ...)."""
+    """The data set, or None for a file that is not whole, well-formed DICOM (text, no 'DICM', cut
+    short...): conversions refuse those with the reason an import gives them (test_import_hostile)."""
     try:
+        check_header(io.BytesIO(data), len(data))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return pydicom.dcmread(io.BytesIO(data))
@@ -345,8 +348,10 @@ def test_no_pixel_data() -> None:
     assert result.SOPInstanceUID == pydicom.dcmread(get_testdata_file("rtplan.dcm")).SOPInstanceUID
 
 
-def test_unreadable_input_is_cannot_convert() -> None:
+def test_input_that_is_not_whole_dicom_fails_with_the_reason_an_import_gives_it() -> None:
+    cut = sample("CT_small.dcm")[:2000]
     for convert in (lambda data: transcoded_bytes(data, "1.2.840.10008.1.2.1"), frames_of):
-        with pytest.raises(ItemFailed) as caught:
-            convert(b"not dicom at all")
-        assert caught.value.reason == "cannot_convert"
+        for data, reason in ((b"not dicom at all", "not_dicom"), (cut, "truncated")):
+            with pytest.raises(ItemFailed) as caught:
+                convert(data)
+            assert caught.value.reason == reason

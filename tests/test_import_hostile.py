@@ -210,5 +210,6 @@ def test_unreadable_files_already_in_a_store_are_dead_letters_of_every_export(
     assert (rows.status, rows.summary["success"], rows.summary["failure_reasons"]) == (
         3, 1, {"malformed": 2, "too_large": 1}
     )  # fmt: skip
-    assert (images.status, images.summary["success"], images.summary["failure"]) == (3, 1, 3)
-    assert {r["reason"] for r in images.dead_letters} <= {"malformed", "cannot_convert", "no_pixel_data"}
+    assert (images.status, images.summary["success"], images.summary["failure_reasons"]) == (
+        3, 1, {"malformed": 2, "too_large": 1}
+    )  # fmt: skip  # the header is checked as on import before a conversion reads the whole file
