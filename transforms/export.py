@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import apache_beam as beam
 
-from dicomlib.convert import KEEP_SYNTAX
+from dicomlib.convert import DEFAULT_QUALITY, KEEP_SYNTAX
 from dicomlib.failures import item_failure
 from dicomlib.isolated import Isolated
 from dicomlib.uids import InstanceRef, valid_uid
@@ -34,7 +34,12 @@ class ExportInstances(StoreDoFn):
     """
 
     def __init__(
-        self, store_location: str, output: str, file_type: str, transfer_syntax: str, quality: int
+        self,
+        store_location: str,
+        output: str,
+        file_type: str,
+        transfer_syntax: str = KEEP_SYNTAX,
+        quality: int = DEFAULT_QUALITY,
     ) -> None:
         super().__init__(store_location)
         self.output = output
