@@ -116,8 +116,9 @@ def frame_count(ds: Dataset) -> int:
         return 1
 
 
-def transcode(ds: Dataset, transfer_syntax: str, out: BinaryIO, quality: int = DEFAULT_QUALITY) -> str:
-    """`ds` written to `out` in `transfer_syntax`; the SOP Instance UID written.
+def transcode(ds: Dataset, transfer_syntax: str, out: BinaryIO, quality: int = DEFAULT_QUALITY) -> str | None:
+    """`ds` written to `out` in `transfer_syntax`; the new SOP Instance UID when lossy compression
+    made a new instance, None when the instance keeps its UID.
 
     Without Pixel Data (SR, RT plan...) the data set is only re-encoded (compressed syntaxes encode
     it as explicit VR little endian); native little endian pixels between native syntaxes are
@@ -143,7 +144,7 @@ def transcode(ds: Dataset, transfer_syntax: str, out: BinaryIO, quality: int = D
             _resolve(ds, swap=not source.is_little_endian)
             ds.file_meta.TransferSyntaxUID = target
             pydicom.dcmwrite(out, ds)  # in the meta's syntax; save_as() refuses a big endian source
-            return str(ds.get("SOPInstanceUID", ""))
+            return None
         # a lossy encoder is given RGB, whatever colour space a native source is in
         raw = not source.is_compressed and not lossy
         decoded = get_decoder(source).iter_array(ds, validate=True, raw=raw, **as_pixel_options(ds))
@@ -159,9 +160,9 @@ def transcode(ds: Dataset, transfer_syntax: str, out: BinaryIO, quality: int = D
             encoded = list(_encode_lossy(ds, target, arrays, quality))
             _mark_lossy(ds, source, target, quality, uncompressed / max(sum(map(len, encoded)), 1))
             _write_streamed(ds, target, out, _encapsulated(encoded))
-        else:
-            _write_streamed(ds, target, out, _pixel_value(ds, target, arrays, first))
-        return str(ds.SOPInstanceUID)
+            return str(ds.SOPInstanceUID)
+        _write_streamed(ds, target, out, _pixel_value(ds, target, arrays, first))
+        return None
 
 
 def _encode_lossy(ds: Dataset, target: UID, arrays: Iterator[np.ndarray], quality: int) -> Iterator[bytes]:

@@ -51,8 +51,9 @@ def _write_dicom(ds: Dataset, local: str, stem: str, transfer_syntax: str, quali
         if transfer_syntax not in (KEEP_SYNTAX, ds.file_meta.get("TransferSyntaxUID")):
             source = transcoded
             with open(source, "wb") as out:
-                sop = transcode(ds, transfer_syntax, out, quality)
-            name = f"{posixpath.dirname(stem)}/{sop}.dcm"
+                new_sop = transcode(ds, transfer_syntax, out, quality)
+            if new_sop is not None:
+                name = f"{posixpath.dirname(stem)}/{new_sop}.dcm"
         with failing_as_write_error():
             copy(source, name, root=root)
         return name
