@@ -1,9 +1,10 @@
 """Convert one stored instance for export, writing its output piece by piece.
 
-Three conversions, one per export file type: `transcode` (dicom with --transfer_syntax), `frames`
-(octet-stream) and `render` (jpeg, png). The instance is read once with `read_instance` (its pixels
-held as stored: compressed, or native); frames are then decoded, converted and handed on one at a
-time, so converting a file of size S holds about S plus one frame, never the whole decoded volume.
+Three conversions, one per export file type: `transcode` (dicom with --transfer_syntax, lossless
+or lossy), `frames` (octet-stream) and `render` (jpeg, png). The instance is read once with
+`read_instance` (its pixels held as stored: compressed, or native); frames are then decoded,
+converted and handed on one at a time, so converting a file of size S holds about S plus one frame,
+never the whole decoded volume (a lossy transcode also holds its compressed output).
 Whatever pydicom, a codec plugin or a native codec raises (a Rust codec's panic included) becomes
 ItemFailed("cannot_convert") naming the source transfer syntax, so one odd instance is a dead letter
 rather than a failed run; an instance without pixels is "no_pixel_data".
@@ -16,7 +17,7 @@ import itertools
 import struct
 import warnings
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, BinaryIO
 
@@ -26,6 +27,7 @@ from PIL import Image, ImageCms
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
+from pydicom.multival import MultiValue
 from pydicom.pixels import (
     apply_color_lut,
     apply_icc_profile,
@@ -40,20 +42,33 @@ from pydicom.pixels import (
     pack_bits,
 )
 from pydicom.uid import (
+    JPEG2000,
     UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
     JPEGLSLossless,
+    JPEGLSNearLossless,
     RLELossless,
+    generate_uid,
 )
 
 from dicomlib.failures import ItemFailed, describe, item_failure
 from dicomlib.header import check_header, check_inflated_size
 
 FILE_TYPES = {"dicom": "dcm", "octet-stream": "bin", "jpeg": "jpg", "png": "png"}
+# the MIME type of each file type, as the Healthcare API's export and DICOMweb name them
+MIME_TYPES = {
+    "application/dicom": "dicom",
+    "application/octet-stream": "octet-stream",
+    "image/jpeg": "jpeg",
+    "image/png": "png",
+}
+KEEP_SYNTAX = "*"  # as DICOMweb's transfer-syntax=*: each instance as stored, not transcoded
 TRANSFER_SYNTAXES: dict[str, str] = {
     ExplicitVRLittleEndian: "explicit-vr-little-endian",
     ImplicitVRLittleEndian: "implicit-vr-little-endian",
@@ -62,6 +77,13 @@ TRANSFER_SYNTAXES: dict[str, str] = {
     JPEGLSLossless: "jpeg-ls-lossless",
     JPEG2000Lossless: "jpeg-2000-lossless",
 }
+# lossy targets, with the method PS3.3 C.7.6.1.1.5 records in LossyImageCompressionMethod
+LOSSY_SYNTAXES: dict[str, str] = {JPEGBaseline8Bit: "jpeg-baseline", JPEG2000: "jpeg-2000"}
+LOSSY_METHODS = {JPEGBaseline8Bit: "ISO_10918_1", JPEG2000: "ISO_15444_1"}
+LOSSY_SOURCES = {JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLSNearLossless}  # never lossless
+DEFAULT_QUALITY = 90  # JPEG: the IJG quality scale; JPEG 2000: compression ratio 101 - quality
+JPEG_BASELINE_INPUT = ("MONOCHROME1", "MONOCHROME2", "RGB")
+MAX_DESCRIPTION = 1024  # DerivationDescription is an ST
 # png at zlib's fastest level: 6x faster than Pillow's default on corpus radiographs, ~15% larger
 IMAGE_FORMATS: dict[str, dict[str, Any]] = {
     "jpeg": {"format": "JPEG", "quality": 90},
@@ -101,18 +123,23 @@ def frame_count(ds: Dataset) -> int:
         return 1
 
 
-def transcode(ds: Dataset, transfer_syntax: str, out: BinaryIO) -> None:
-    """`ds` written to `out` losslessly in `transfer_syntax`, keeping its SOP Instance UID.
+def transcode(ds: Dataset, transfer_syntax: str, out: BinaryIO, quality: int = DEFAULT_QUALITY) -> str | None:
+    """`ds` written to `out` in `transfer_syntax`; the new SOP Instance UID when lossy compression
+    made a new instance, None when the instance keeps its UID.
 
     Without Pixel Data (SR, RT plan...) the data set is only re-encoded (compressed syntaxes encode
     it as explicit VR little endian); native little endian pixels between native syntaxes are
     copied as they are. Otherwise frames are decoded one at a time, as pydicom decodes them (YBR
     as RGB for compressed sources, Photometric Interpretation updated to match), and written native
-    or encoded frame by frame. A lossy source's decoded pixels are stored losslessly: nothing
-    further is lost. The caller copies an instance already in `transfer_syntax` unchanged.
+    or encoded frame by frame. A lossless target keeps the SOP Instance UID: a lossy source's
+    decoded pixels are stored losslessly, nothing further is lost. A lossy target makes a new
+    instance (see _mark_lossy), its frames encoded at `quality` and held, compressed, until the
+    ratio written before them is known. The caller copies an instance already in
+    `transfer_syntax` unchanged.
     """
     target = UID(transfer_syntax)
-    if target not in TRANSFER_SYNTAXES:  # the export pipeline checks the flag before it starts
+    lossy = target in LOSSY_SYNTAXES
+    if target not in TRANSFER_SYNTAXES and not lossy:  # the export pipeline checks the flag first
         raise ValueError(f"unsupported transfer syntax {transfer_syntax!r}")
     source = _source_syntax(ds)
     with _quiet(), _cannot(f"transcode from {source.name} to {target.name}"):
@@ -120,14 +147,14 @@ def transcode(ds: Dataset, transfer_syntax: str, out: BinaryIO) -> None:
         native_copy = not source.is_compressed and source.is_little_endian and not target.is_compressed
         if "PixelData" not in ds or native_copy:
             if target.is_compressed and _has_pixels(ds):
-                raise ValueError("float pixel data has no lossless encoder")
+                raise ValueError("float pixel data has no encoder")
             _resolve(ds, swap=not source.is_little_endian)
             ds.file_meta.TransferSyntaxUID = target
             pydicom.dcmwrite(out, ds)  # in the meta's syntax; save_as() refuses a big endian source
-            return
-        decoded = get_decoder(source).iter_array(
-            ds, validate=True, raw=not source.is_compressed, **as_pixel_options(ds)
-        )
+            return None
+        # a lossy encoder is given RGB, whatever colour space a native source is in
+        raw = not source.is_compressed and not lossy
+        decoded = get_decoder(source).iter_array(ds, validate=True, raw=raw, **as_pixel_options(ds))
         first, image_pixel = next(decoded)
         ds.PhotometricInterpretation = image_pixel["photometric_interpretation"]  # as decompress()
         if int(image_pixel["samples_per_pixel"]) > 1:
@@ -135,7 +162,95 @@ def transcode(ds: Dataset, transfer_syntax: str, out: BinaryIO) -> None:
         arrays = itertools.chain([first], (arr for arr, _ in decoded))
         _resolve(ds, swap=not source.is_little_endian)
         ds.file_meta.TransferSyntaxUID = target
+        if lossy:
+            uncompressed = frame_count(ds) * first.nbytes
+            encoded = list(_encode_lossy(ds, target, arrays, quality))
+            _mark_lossy(ds, source, target, quality, uncompressed / max(sum(map(len, encoded)), 1))
+            _write_streamed(ds, target, out, _encapsulated(encoded))
+            return str(ds.SOPInstanceUID)
         _write_streamed(ds, target, out, _pixel_value(ds, target, arrays, first))
+        return None
+
+
+def _encode_lossy(ds: Dataset, target: UID, arrays: Iterator[np.ndarray], quality: int) -> Iterator[bytes]:
+    """Each frame encoded in the lossy `target`, the data set's pixel attributes updated to match.
+
+    JPEG Baseline (Pillow's libjpeg): 8-bit unsigned grey, or RGB stored as YBR_FULL_422 (chroma
+    halved horizontally, as PS3.5 8.2.1 expects of it). JPEG 2000 (pydicom's OpenJPEG encoder):
+    any depth up to 38 bits, compression ratio 101 - quality, colour through the irreversible
+    component transform (YBR_ICT).
+    """
+    photometric = ds.PhotometricInterpretation
+    if photometric == "PALETTE COLOR":
+        raise ValueError("palette colour indices cannot be lossy compressed")
+    if target == JPEGBaseline8Bit:
+        if ds.BitsAllocated != 8 or ds.PixelRepresentation != 0 or photometric not in JPEG_BASELINE_INPUT:
+            signed = "signed" if ds.PixelRepresentation else "unsigned"
+            raise ValueError(
+                f"JPEG Baseline encodes 8-bit unsigned grey or RGB pixels, not {ds.BitsAllocated}-bit "
+                f"{signed} {photometric}"
+            )
+        ds.BitsStored, ds.HighBit = 8, 7  # the decoded values may use every bit
+        if photometric == "RGB":
+            ds.PhotometricInterpretation = "YBR_FULL_422"
+        for arr in arrays:
+            out = io.BytesIO()
+            Image.fromarray(arr).save(out, format="JPEG", quality=quality, subsampling="4:2:2")
+            yield out.getvalue()
+        return
+    options = as_pixel_options(ds, number_of_frames=1)
+    if photometric == "RGB":  # pydicom's encoder applies the transform only when told the result's
+        options["photometric_interpretation"] = ds.PhotometricInterpretation = "YBR_ICT"
+    encoder = get_encoder(target)
+    for arr in arrays:
+        yield encoder.encode(arr, validate=True, j2k_cr=[101 - quality], **options)
+
+
+def _mark_lossy(ds: Dataset, source: UID, target: UID, quality: int, ratio: float) -> None:
+    """The lossy compression recorded as PS3.3 asks: Lossy Image Compression "01" with its ratio
+    and method appended to any earlier ones (C.7.6.1.1.5), and a new instance (the image is no
+    longer the one the SOP Instance UID names): a new UID derived from the source's UID, the
+    syntax and the quality (the same export writes the same UID), Image Type DERIVED, the source
+    in Source Image Sequence, and the derivation described and coded (CID 7202, 7203)."""
+    was_lossy = ds.get("LossyImageCompression") == "01" or source in LOSSY_SOURCES
+    ds.LossyImageCompression = "01"
+    _append(ds, "LossyImageCompressionRatio", f"{ratio:.2f}")
+    _append(ds, "LossyImageCompressionMethod", LOSSY_METHODS[target])
+    previous = str(ds.SOPInstanceUID)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(
+        entropy_srcs=[previous, target, str(quality)]
+    )
+    if ds.get("ImageType"):
+        ds.ImageType = ["DERIVED", *list(_values(ds, "ImageType"))[1:]]
+    reference = Dataset()
+    reference.ReferencedSOPClassUID = ds.SOPClassUID
+    reference.ReferencedSOPInstanceUID = previous
+    purpose = ("121330", "Lossy compressed") if was_lossy else ("121320", "Uncompressed")
+    reference.PurposeOfReferenceCodeSequence = [_code(purpose[0], f"{purpose[1]} predecessor")]
+    ds.SourceImageSequence = [*(ds.get("SourceImageSequence") or []), reference]
+    derivation = _code("113040", "Lossy Compression")
+    ds.DerivationCodeSequence = [*(ds.get("DerivationCodeSequence") or []), derivation]
+    text = f"Lossy compression: {target.name}, quality {quality}, ratio {ratio:.2f}:1"
+    earlier = str(ds.get("DerivationDescription") or "")
+    ds.DerivationDescription = (f"{earlier}; {text}" if earlier else text)[-MAX_DESCRIPTION:]
+
+
+def _code(value: str, meaning: str) -> Dataset:
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, "DCM", meaning
+    return item
+
+
+def _values(ds: Dataset, keyword: str) -> list[Any]:
+    """An attribute's values as a list, whatever its multiplicity: none when absent or empty."""
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return []
+    return list(value) if isinstance(value, MultiValue) else [value]
+
+
+def _append(ds: Dataset, keyword: str, value: str) -> None:
+    setattr(ds, keyword, [*_values(ds, keyword), value])
 
 
 def frames(ds: Dataset) -> Iterator[bytes]:
@@ -200,10 +315,7 @@ def _pixel_value(
     if target.is_compressed:
         options = as_pixel_options(ds, number_of_frames=1)
         encoder = get_encoder(target)
-        yield _element_header(PIXEL_DATA, "OB", 0xFFFFFFFF, implicit) + _item(b"")  # empty offset table
-        for arr in arrays:
-            yield _item(encoder.encode(arr, validate=True, **options))
-        yield struct.pack("<HHL", *SEQUENCE_DELIMITER, 0)
+        yield from _encapsulated(encoder.encode(arr, validate=True, **options) for arr in arrays)
         return
     vr = "OB" if ds.BitsAllocated <= 8 else "OW"
     if ds.BitsAllocated == 1:  # bits packed across frame boundaries: small enough to pack at once
@@ -223,6 +335,14 @@ def _pixel_value(
     if written != length:
         raise ValueError(f"the frames hold {written} bytes, not the {length} their attributes give")
     yield b"\0" * (length % 2)
+
+
+def _encapsulated(fragments: Iterable[bytes]) -> Iterator[bytes]:
+    """An encapsulated Pixel Data element, one fragment per frame, with an empty offset table."""
+    yield _element_header(PIXEL_DATA, "OB", 0xFFFFFFFF, False) + _item(b"")
+    for fragment in fragments:
+        yield _item(fragment)
+    yield struct.pack("<HHL", *SEQUENCE_DELIMITER, 0)
 
 
 def _element_header(tag: int, vr: str, length: int, implicit: bool) -> bytes:

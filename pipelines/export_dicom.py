@@ -1,4 +1,5 @@
-"""Export a store's instances as files: DICOM (as stored or transcoded), octet-stream, JPEG or PNG.
+"""Export a store's instances as files: DICOM (as stored, transcoded losslessly or lossy), octet-stream,
+JPEG or PNG.
 
     python -m pipelines.export_dicom --store gs://bucket/store --output gs://archive/2026-11-23 \\
         --filter_file gs://bucket/filters/today.txt
@@ -38,7 +39,9 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions) -> None:
         | "SpreadInstances" >> beam.Reshuffle()
         | "Export"
         >> beam.ParDo(
-            ExportInstances(values.store, values.output, values.file_type, values.transfer_syntax)
+            ExportInstances(
+                values.store, values.output, values.file_type, values.transfer_syntax, values.quality
+            )
         ).with_outputs(DEAD_LETTER, main="files")
     )
     (

@@ -4,6 +4,8 @@ and clear errors for bad filters and outputs."""
 from __future__ import annotations
 
 import io
+import math
+import subprocess
 import warnings
 from pathlib import Path
 
@@ -12,14 +14,20 @@ import pydicom
 import pytest
 from google.cloud import storage
 from PIL import Image
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
 
+from dicomlib.convert import MIME_TYPES
 from dicomlib.uids import InstanceRef
+from pipelines import export_dicom
+from pipelines.options.base import EtlOptions
 from storage.file_store import FileLayoutStore
 from tests.conftest import Run, run_export, run_import
 from tests.gcs_emulator import upload_tree
 from tests.orthanc_server import Orthanc
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample"
+JPEG_BASELINE, JPEG_2000 = "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.91"
 
 
 @pytest.fixture(scope="module")
@@ -234,7 +242,29 @@ def test_a_bad_filter_file_stops_before_any_work(
     [
         (["--output=OUTFILE"], "--output", "is a file, not a directory"),
         (["--output=out", "--file_type=tiff"], "--file_type", "not one of dicom, octet-stream, jpeg, png"),
-        (["--output=out", "--transfer_syntax=1.2.3"], "--transfer_syntax", "is not one of"),
+        (["--output=out", "--file_type=image/tiff"], "--file_type", "application/dicom, application/octet"),
+        (["--output=out", "--transfer_syntax=1.2.3"], "--transfer_syntax", "is not * or one of"),
+        (["--output=out", "--quality=50"], "--quality", "applies to a lossy --transfer_syntax only"),
+        (
+            ["--output=out", "--transfer_syntax=1.2.840.10008.1.2.4.90", "--quality=50"],
+            "--quality",
+            "1.2.840.10008.1.2.4.50 (jpeg-baseline), 1.2.840.10008.1.2.4.91 (jpeg-2000)",
+        ),
+        (
+            ["--output=out", f"--transfer_syntax={JPEG_BASELINE}", "--quality=0"],
+            "--quality",
+            "between 1",
+        ),
+        (
+            ["--output=out", f"--transfer_syntax={JPEG_2000}", "--quality=101"],
+            "--quality",
+            "and 100",
+        ),
+        (
+            ["--output=out", f"--transfer_syntax={JPEG_BASELINE}", "--quality=high"],
+            "--quality",
+            "whole number",
+        ),
         (
             ["--output=out", "--file_type=png", "--transfer_syntax=1.2.840.10008.1.2.1"],
             "--transfer_syntax",
@@ -293,6 +323,134 @@ def test_transcoded_exports_decode_to_the_same_pixels(tmp_path: Path) -> None:
             data = (output / ref.study / ref.series / f"{ref.sop}.dcm").read_bytes()
             assert pydicom.dcmread(io.BytesIO(data)).file_meta.TransferSyntaxUID == syntax
             assert np.array_equal(decoded(data), decoded(store.read(ref))), (syntax, ref)
+
+
+def tree(output: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(output)): path.read_bytes() for path in output.rglob("*") if path.is_file()}
+
+
+def test_mime_types_are_read_as_the_file_types(tmp_path: Path) -> None:
+    for mime, short in MIME_TYPES.items():
+        options = export_dicom.PIPELINE.parse(
+            [f"--store={tmp_path}", f"--output={tmp_path / 'out'}", f"--file_type={mime}"]
+        )
+        assert options.view_as(EtlOptions).file_type == short
+
+
+@pytest.mark.parametrize(
+    ("short", "mime", "more"),
+    [("dicom", "application/dicom", ["--transfer_syntax=*"]), ("jpeg", "image/jpeg", [])],
+)
+def test_mime_types_write_the_same_files(
+    tmp_path: Path, short: str, mime: str, more: list[str], sample_store: FileLayoutStore
+) -> None:
+    """`*`, as the default, keeps every instance byte for byte as stored."""
+    runs = {
+        name: run_export(
+            f"--store={sample_store.root}",
+            f"--output={tmp_path / name.replace('/', '_')}",
+            f"--file_type={name}",
+            *more,
+            dead_letter=tmp_path / "dl",
+        )
+        for name in (short, mime)
+    }
+    assert runs[short].summary == runs[mime].summary and runs[short].summary["files_written"] > 0
+    assert tree(tmp_path / short) == tree(tmp_path / mime.replace("/", "_"))
+    if short == "dicom":
+        assert runs[mime].status == 0
+        assert_same_bytes(sample_store, tmp_path / mime.replace("/", "_"), refs(sample_store))
+
+
+@pytest.fixture(scope="module")
+def sample_store(tmp_path_factory: pytest.TempPathFactory) -> FileLayoutStore:
+    """The sample data (16-bit CT and MR, 8-bit RLE colour, a 16-bit JPEG 2000, 1- and 32-bit
+    pixels, an SR and an RT plan) and an 8-bit grey image."""
+    root = tmp_path_factory.mktemp("sample_store")
+    grey = get_testdata_file("image_dfl.dcm")  # deflated, 512x512
+    run = run_import(
+        f"--input={SAMPLE}/**.dcm", f"--input={grey}", f"--store={root}/store", dead_letter=root / "dl"
+    )
+    assert run.status == 0
+    return FileLayoutStore(str(root / "store"))
+
+
+def psnr(source: np.ndarray, result: np.ndarray, bits: int) -> float:
+    mse = float(np.mean((source.astype(np.float64) - result.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10((2**bits - 1) ** 2 / mse)
+
+
+@pytest.mark.parametrize(
+    ("syntax", "decoded_by"),
+    [(JPEG_BASELINE, "dcmdjpeg"), (JPEG_2000, "pydicom")],
+    ids=["jpeg-baseline", "jpeg-2000"],
+)
+def test_lossy_exports_are_new_instances_named_by_their_uid(
+    tmp_path: Path, sample_store: FileLayoutStore, syntax: str, decoded_by: str
+) -> None:
+    """Each image the syntax encodes becomes a new instance, `{new SOP}.dcm`, that references its
+    source and decodes (with dcmtk's dcmdjpeg for JPEG Baseline) close to it; JPEG Baseline refuses
+    every image but the 8-bit ones as cannot_convert, JPEG 2000 images under 32 pixels a side and
+    1- and 32-bit pixels; instances without pixels, or already in the syntax, are copied as stored."""
+    output = tmp_path / "out"
+    run = run_export(
+        f"--store={sample_store.root}",
+        f"--output={output}",
+        f"--transfer_syntax={syntax}",
+        dead_letter=tmp_path / "dl",
+    )
+
+    sources = {ref: pydicom.dcmread(io.BytesIO(sample_store.read(ref))) for ref in refs(sample_store)}
+    refused = {record["uri"]: record for record in run.dead_letters}
+    assert run.status == 3 and {record["reason"] for record in refused.values()} == {"cannot_convert"}
+    assert run.summary["success"] == run.summary["files_written"] == len(sources) - len(refused)
+    written = {path.name: path for path in output.rglob("*.dcm")}
+    assert len(written) == run.summary["files_written"]
+    eight_bit = {ref for ref, ds in sources.items() if ds.get("BitsAllocated") == 8}
+    assert len(eight_bit) == 2 and not {ref.path() for ref in eight_bit} & set(refused)
+    if syntax == JPEG_BASELINE:
+        images = {ref for ref, ds in sources.items() if "PixelData" in ds}
+        assert set(refused) == {ref.path() for ref in images - eight_bit}
+    for ref, source in sources.items():
+        if ref.path() in refused:
+            assert source.get("BitsAllocated") != 8
+            if syntax.endswith(".50"):
+                assert (
+                    "JPEG Baseline encodes 8-bit unsigned grey or RGB pixels" in refused[ref.path()]["detail"]
+                )
+            continue
+        if "PixelData" not in source or source.file_meta.TransferSyntaxUID == syntax:  # as stored
+            assert (output / ref.study / ref.series / f"{ref.sop}.dcm").is_file()
+            continue
+        [path] = [path for path in written.values() if source_of(path) == ref.sop]
+        result = pydicom.dcmread(path)
+        assert path == output / ref.study / ref.series / f"{result.SOPInstanceUID}.dcm"
+        assert result.SOPInstanceUID != ref.sop and result.file_meta.TransferSyntaxUID == syntax
+        dump = subprocess.run(
+            ["dcmdump", "+P", "0028,2110", "+P", "0028,2114", str(path)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert "[01]" in dump and ("ISO_10918_1" if syntax.endswith(".50") else "ISO_15444_1") in dump, dump
+        pixels = decoded_with(decoded_by, path, tmp_path)
+        value = psnr(source.pixel_array, pixels, int(source.BitsStored))
+        print(f"{syntax} {source.get('PhotometricInterpretation')}: {value:.1f} dB ({decoded_by})")
+        assert value >= 30
+
+
+def source_of(path: Path) -> str:
+    """The SOP Instance UID a lossy export's file says it was made from (none: a file as stored)."""
+    sources = pydicom.dcmread(path, stop_before_pixels=True).get("SourceImageSequence") or [Dataset()]
+    return sources[-1].get("ReferencedSOPInstanceUID")
+
+
+def decoded_with(decoder: str, path: Path, tmp_path: Path) -> np.ndarray:
+    if decoder == "pydicom":
+        return pydicom.dcmread(path).pixel_array
+    native = tmp_path / f"{path.stem}-native.dcm"
+    subprocess.run([decoder, str(path), str(native)], check=True, capture_output=True)  # YBR to RGB too
+    return pydicom.dcmread(native).pixel_array
 
 
 def test_images_are_one_file_per_frame_and_instances_without_pixels_are_dead_letters(tmp_path: Path) -> None:

@@ -30,7 +30,7 @@ import apache_beam as beam
 import pytest
 from google.cloud import storage
 
-from dicomlib.convert import TRANSFER_SYNTAXES
+from dicomlib.convert import LOSSY_SYNTAXES, MIME_TYPES, TRANSFER_SYNTAXES
 from pipelines import deidentify_dicom, delete_dicom, export_dicom, export_metadata, import_dicom
 from pipelines.options.base import OptionError
 
@@ -188,16 +188,21 @@ EXAMPLES = {
         invalid=["", "gs://", "ftp://x"],
         local=["./export"],
     ),
-    "file_type": Examples(valid=["dicom", "octet-stream", "jpeg", "png"], invalid=["", "DICOM", "tiff"]),
+    "file_type": Examples(
+        valid=["dicom", "octet-stream", "jpeg", "png", *MIME_TYPES],
+        invalid=["", "DICOM", "tiff", "image/tiff", "application/dicom+json", "application/dicom; x=1"],
+    ),
     "transfer_syntax": Examples(
-        valid=list(TRANSFER_SYNTAXES),
+        valid=["*", *TRANSFER_SYNTAXES, *LOSSY_SYNTAXES],
         invalid=[
-            "1.2.840.10008.1.2.4.50",  # JPEG baseline: lossy, not offered
+            "1.2.840.10008.1.2.4.51",  # JPEG extended 12-bit: not offered
+            "**",
             "1.2.840.10008.1.2.1.",
             "explicit-vr-little-endian",
             "1.2.840.10008.1.2.1,1.2.840.10008.1.2",
         ],
     ),
+    "quality": Examples(valid=["1", "50", "90", "100"], invalid=["0", "101", "-5", "abc", "", "9.5"]),
     "write_disposition": Examples(
         valid=["WRITE_EMPTY", "WRITE_TRUNCATE", "WRITE_APPEND", "write_append"], invalid=["", "WRITE_NEVER"]
     ),
@@ -240,6 +245,8 @@ def argv(name: str, **values: str) -> list[str]:
     options = BASE[name] | values
     if name == "delete_dicom" and "filter_file" in values:
         options.pop("target")  # one or the other
+    if "quality" in values:  # valid only with a lossy syntax
+        options["transfer_syntax"] = next(iter(LOSSY_SYNTAXES))
     return DATAFLOW + [f"--{key}={value}" for key, value in options.items() if value is not None]
 
 

@@ -36,7 +36,7 @@ SERIES = sorted(SAMPLE.glob("ct/77654033/*.dcm"))  # one CT series of four
 
 
 def export(
-    store: str, refs: list[InstanceRef], output: Path, file_type: str = "dicom", syntax: str | None = None
+    store: str, refs: list[InstanceRef], output: Path, file_type: str = "dicom", syntax: str = "*"
 ) -> tuple[beam.Pipeline, Any]:
     pipeline = new_pipeline()
     outputs = (
@@ -164,7 +164,7 @@ def test_export_instances_calls_a_dicomweb_store_that_keeps_failing_a_read_error
             pipeline
             | beam.Create([failing])
             | beam.ParDo(
-                ExportInstances(f"{proxy.url}/dicom-web", str(tmp_path / "out"), "dicom", None)
+                ExportInstances(f"{proxy.url}/dicom-web", str(tmp_path / "out"), "dicom", "*")
             ).with_outputs(DEAD_LETTER, main="written")
         )
         dead = outputs[DEAD_LETTER] | beam.Map(lambda r: (r["uri"], r["stage"], r["reason"]))

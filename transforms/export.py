@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import apache_beam as beam
 
+from dicomlib.convert import DEFAULT_QUALITY, KEEP_SYNTAX
 from dicomlib.failures import item_failure
 from dicomlib.isolated import Isolated, time_allowed
 from dicomlib.uids import InstanceRef
@@ -22,18 +23,27 @@ STAGES = {"not_found": "read", "read_error": "read", "write_error": "write"}
 class ExportInstances(StoreDoFn):
     """InstanceRef -> the files written for it, under `{output}/{study}/{series}/`.
 
-    `dicom` writes `{sop}.dcm`, unchanged (copied server-side when both ends are in GCS) or
-    transcoded to `transfer_syntax`; the other types write one file per frame (see
-    convert.convert_file). Conversions read the instance from a local file (the stored file, or a
+    `dicom` writes `{sop}.dcm`, unchanged with transfer syntax `*` (copied server-side when both
+    ends are in GCS) or transcoded to `transfer_syntax` (a lossy one at `quality`, as a new
+    instance named by its new SOP Instance UID); the other types write one file per frame (see
+    export_files.convert_file). Conversions read the instance from a local file (the stored file, or a
     temporary copy) in a child process (dicomlib/isolated.py): a codec that crashes or hangs on
     a hostile file costs that instance a `cannot_convert` dead letter, not the run.
     """
 
-    def __init__(self, store_location: str, output: str, file_type: str, transfer_syntax: str | None) -> None:
+    def __init__(
+        self,
+        store_location: str,
+        output: str,
+        file_type: str,
+        transfer_syntax: str = KEEP_SYNTAX,
+        quality: int = DEFAULT_QUALITY,
+    ) -> None:
         super().__init__(store_location)
         self.output = output
         self.file_type = file_type
         self.transfer_syntax = transfer_syntax
+        self.quality = quality
 
     def setup(self) -> None:
         super().setup()
@@ -64,7 +74,7 @@ class ExportInstances(StoreDoFn):
         yield from written
 
     def _export(self, ref: InstanceRef, stem: str) -> list[str]:
-        if self.file_type == "dicom" and self.transfer_syntax is None:
+        if self.file_type == "dicom" and self.transfer_syntax == KEEP_SYNTAX:
             moved = self.store.copy_instance(ref, f"{stem}.dcm", self.output)
             self.count("bytes_through_worker", moved)
             return [f"{stem}.dcm"]
@@ -77,6 +87,7 @@ class ExportInstances(StoreDoFn):
                 stem,
                 self.file_type,
                 self.transfer_syntax,
+                self.quality,
                 self.output,
                 timeout=time_allowed(size),
             )

@@ -9,7 +9,14 @@ from typing import ClassVar
 from apache_beam.options.pipeline_options import GoogleCloudOptions
 from pydicom.valuerep import STANDARD_VR
 
-from dicomlib.convert import FILE_TYPES, TRANSFER_SYNTAXES
+from dicomlib.convert import (
+    DEFAULT_QUALITY,
+    FILE_TYPES,
+    KEEP_SYNTAX,
+    LOSSY_SYNTAXES,
+    MIME_TYPES,
+    TRANSFER_SYNTAXES,
+)
 from dicomlib.deidentify.config import ConfigError, parse_config
 from dicomlib.filters import FilterError, parse_line
 from dicomlib.wildcard import Pattern, PatternError, parse_pattern
@@ -125,22 +132,49 @@ class Output(Group):
             "A local directory or gs:// prefix; created when missing.",
             required="a local directory or gs:// prefix",
         ),
-        Option("file_type", f"One of {', '.join(FILE_TYPES)}; default dicom.", default="dicom"),
-        Option("transfer_syntax", "With --file_type=dicom: a lossless transfer syntax UID to transcode to."),
+        Option(
+            "file_type",
+            f"One of {', '.join(FILE_TYPES)}, or their MIME types {', '.join(MIME_TYPES)}; default dicom.",
+            default="dicom",
+        ),
+        Option(
+            "transfer_syntax",
+            f"With --file_type=dicom: {KEEP_SYNTAX} (the default) keeps each instance as stored; or a "
+            "transfer syntax UID to transcode to, lossless or lossy (JPEG Baseline, JPEG 2000).",
+            default=KEEP_SYNTAX,
+        ),
+        Option(
+            "quality",
+            f"With a lossy --transfer_syntax: 1-100, default {DEFAULT_QUALITY}. JPEG Baseline: the IJG "
+            "quality; JPEG 2000: compression ratio 101 - quality.",
+            type=int,
+        ),
     )
 
     @classmethod
     def check(cls, options: EtlOptions) -> None:
         options.output = check_local_or_gcs("output", options.output)
         check_directory("output", options.output, options)
+        options.file_type = MIME_TYPES.get(options.file_type, options.file_type)
         if options.file_type not in FILE_TYPES:
-            raise OptionError("file_type", f"{options.file_type!r} is not one of {', '.join(FILE_TYPES)}")
-        if options.transfer_syntax is not None:
+            names = ", ".join([*FILE_TYPES, *MIME_TYPES])
+            raise OptionError("file_type", f"{options.file_type!r} is not one of {names}")
+        syntax = options.transfer_syntax
+        if syntax != KEEP_SYNTAX:
             if options.file_type != "dicom":
                 raise OptionError("transfer_syntax", "applies to --file_type=dicom only")
-            if options.transfer_syntax not in TRANSFER_SYNTAXES:
-                known = ", ".join(f"{uid} ({name})" for uid, name in TRANSFER_SYNTAXES.items())
-                raise OptionError("transfer_syntax", f"{options.transfer_syntax!r} is not one of {known}")
+            if syntax not in TRANSFER_SYNTAXES and syntax not in LOSSY_SYNTAXES:
+                known = ", ".join(
+                    f"{uid} ({name})" for uid, name in (TRANSFER_SYNTAXES | LOSSY_SYNTAXES).items()
+                )
+                raise OptionError("transfer_syntax", f"{syntax!r} is not {KEEP_SYNTAX} or one of {known}")
+        if options.quality is None:
+            options.quality = DEFAULT_QUALITY
+        elif syntax not in LOSSY_SYNTAXES:
+            lossy = ", ".join(f"{uid} ({name})" for uid, name in LOSSY_SYNTAXES.items())
+            raise OptionError("quality", f"applies to a lossy --transfer_syntax only: {lossy}")
+        elif not 1 <= options.quality <= 100:
+            raise OptionError("quality", f"{options.quality} is not between 1 and 100")
 
 
 class Selection(Group):
