@@ -90,6 +90,7 @@ SOF_MARKERS = {  # JPEG start-of-frame markers (ITU T.81 Table B.1) and what the
     0xCF: "arithmetic differential lossless",
 }
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485  # Pillow's decompression-bomb threshold
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MAX_SIDE = 65_535  # Rows and Columns are US
 
 
@@ -196,7 +197,11 @@ def _keyword_element(tag: int, value: Any, where: str) -> Any:
         raise MetadataError(f"{where}: VR {vr} takes numbers")
     if vr in ("IS", "DS"):
         values = [str(v) for v in values]
-    ds.add_new(tag, vr, values if isinstance(value, list) else values[0])
+    _check(vr, values, where)  # before pydicom makes the element (and warns of or refuses the value)
+    try:
+        ds.add_new(tag, vr, values if isinstance(value, list) else values[0])
+    except (ValueError, TypeError, OverflowError) as error:
+        raise MetadataError(f"{where}: {error}") from None
     return ds[tag]
 
 
@@ -230,9 +235,12 @@ def pixels_of(data: bytes) -> Pixels:
 
     ItemFailed: `not_image` (neither JPEG nor PNG), `corrupt_image` (cannot be decoded),
     `unsupported_image` (cannot be kept without a loss), `too_large`."""
+    frame = _baseline_frame(data) if data[:2] == b"\xff\xd8" else None  # refused before decoding
     try:
         image = Image.open(io.BytesIO(data), formats=["JPEG", "PNG"])
     except Image.UnidentifiedImageError:
+        if frame is not None or data[:8] == PNG_SIGNATURE:
+            raise ItemFailed("corrupt_image", "Pillow cannot read it") from None
         raise ItemFailed("not_image", "neither a JPEG nor a PNG image") from None
     except Exception as error:
         raise ItemFailed("corrupt_image", f"{type(error).__name__}: {error}") from None
@@ -251,13 +259,14 @@ def pixels_of(data: bytes) -> Pixels:
             image.load()
         except Exception as error:  # truncated or damaged data: Pillow's OSError, or anything else
             raise ItemFailed("corrupt_image", f"{type(error).__name__}: {error}") from None
-        if image.format == "JPEG":
-            return _jpeg(data, image, rows, columns)
+        if frame is not None:
+            return _jpeg(data, frame, image, rows, columns)
         return _png(data, image, rows, columns)
 
 
-def _jpeg(data: bytes, image: Image.Image, rows: int, columns: int) -> Pixels:
-    """A JPEG kept unchanged, if DICOM's JPEG Baseline syntax can hold it."""
+def _baseline_frame(data: bytes) -> list[tuple[int, int, int]]:
+    """The components of a JPEG that DICOM's JPEG Baseline syntax can hold as it is; anything else
+    is refused with what it is."""
     marker, precision, components = _start_of_frame(data)
     if marker != 0xC0:
         kind = SOF_MARKERS.get(marker, "unknown")
@@ -265,19 +274,25 @@ def _jpeg(data: bytes, image: Image.Image, rows: int, columns: int) -> Pixels:
             "unsupported_image", f"{kind} JPEG (SOF{marker - 0xC0}): only Baseline is kept as it is"
         )
     if precision != 8 or len(components) not in (1, 3):
+        what = {4: " (CMYK or YCCK)"}.get(len(components), "")
         raise ItemFailed(
             "unsupported_image",
-            f"JPEG of {len(components)} components ({image.mode}) at {precision} bits: "
+            f"JPEG of {len(components)} components{what} at {precision} bits: "
             "only 8-bit greyscale or 3-component colour is kept",
         )
+    return components
+
+
+def _jpeg(
+    data: bytes, components: list[tuple[int, int, int]], image: Image.Image, rows: int, columns: int
+) -> Pixels:
+    """A JPEG kept unchanged, its colour space as the decoder sees it (Adobe APP14, component ids)."""
     if len(components) == 1:
         photometric = "MONOCHROME2"
     elif image.info.get("adobe_transform") == 0 or [c[0] for c in components] == [ord(c) for c in "RGB"]:
         photometric = "RGB"  # colour stored without the YCbCr transform
-    else:
-        (_, h0, v0), *chroma = components
-        subsampled = any(h != h0 or v != v0 for _, h, v in chroma)
-        photometric = "YBR_FULL_422" if subsampled else "YBR_FULL"
+    else:  # YCbCr, subsampled or not: YBR_FULL_422, as PS3.5 8.2.1 asks of JPEG Baseline
+        photometric = "YBR_FULL_422"
     fragment = data[: data.rindex(b"\xff\xd9") + 2] if data.rfind(b"\xff\xd9") >= 0 else data
     return Pixels(len(components), photometric, rows, columns, encapsulate([fragment]), JPEGBaseline8Bit)
 
@@ -296,6 +311,8 @@ def _start_of_frame(data: bytes) -> tuple[int, int, list[tuple[int, int, int]]]:
         if marker in SOF_MARKERS:
             body = data[at + 4 : at + 2 + length]
             count = body[5] if len(body) > 5 else 0
+            if not count or len(body) < 6 + 3 * count:
+                raise ItemFailed("corrupt_image", "JPEG: a start-of-frame segment cut short")
             parts = [(body[6 + 3 * n], body[7 + 3 * n] >> 4, body[7 + 3 * n] & 15) for n in range(count)]
             return marker, body[0], parts
         at += 2 + length

@@ -11,11 +11,11 @@ from pathlib import Path
 
 PIPELINES = (
     "import_dicom",
-    "import_images",
     "export_dicom",
     "export_metadata",
     "delete_dicom",
     "deidentify_dicom",
+    "import_images",
 )
 USAGE = "usage: dicom-etl PIPELINE --option=value ...   (dicom-etl PIPELINE --help lists its options)"
 
