@@ -167,6 +167,8 @@ def _dataset(obj: Any, where: str) -> Dataset:
         if name in FROM_IMAGE or tag.group == 0x0002:
             raise MetadataError(f"{where}{name}: set from the image by the import, not by metadata")
         _check(element.VR, element.value, f"{where}{name}")
+        if tag in ds:
+            raise MetadataError(f"{where}{name}: given twice (by keyword and by tag)")
         ds[tag] = element
     return ds
 

@@ -231,6 +231,7 @@ def test_metadata_in_both_forms_fills_the_instance(tmp_path: Path) -> None:
         ('{"00100010": {"vr": "PN", "Value": 3}}', "PatientName"),
         ('{"SeriesNumber": "one"}', "SeriesNumber"),
         ('{"SOPInstanceUID": "1.2.3"}', "every image the same UID"),
+        ('{"PatientID": "a", "00100020": {"vr": "LO", "Value": ["b"]}}', "PatientID: given twice"),
     ],
 )
 def test_malformed_metadata_is_refused_with_what_is_wrong(text: str, words: str) -> None:
