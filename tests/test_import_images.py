@@ -26,6 +26,8 @@ from dicomlib.failures import ItemFailed
 from dicomlib.images import MetadataError, build_instance, parse_metadata, pixels_of
 from pipelines import export_metadata, import_images
 from tests.conftest import run_pipeline, stored_instances
+from tests.gcs_emulator import upload_tree
+from tests.healthcare_server import STORE
 from tests.orthanc_server import Orthanc
 
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
@@ -368,3 +370,27 @@ def test_an_import_into_orthanc(images: Path, tmp_path: Path, orthanc: Orthanc) 
     assert orthanc.instance_count() == 3
     again = run_pipeline(import_images.main, *args, dead_letter=tmp_path / "dead")
     assert (again.status, again.summary["already_present"]) == (0, 3)
+
+
+@pytest.mark.parametrize("kind", ["gcs", "healthcare"])
+def test_images_in_cloud_storage_into_a_bucket_or_the_healthcare_api(
+    kind: str, images: Path, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Images, sidecars and the template read from gs://, into a gs:// store or a Healthcare API
+    store (the stand-in of tests/healthcare_server.py)."""
+    client = request.getfixturevalue("gcs")
+    bucket = f"images-{kind}-{abs(hash(tmp_path)) % 10**8}"
+    upload_tree(client, images.parent, bucket)
+    if kind == "gcs":
+        store = f"gs://{bucket}/store"
+    else:
+        request.getfixturevalue("healthcare")
+        store = STORE
+    args = (f"--input=gs://{bucket}/in/p1/**", f"--metadata=gs://{bucket}/template.json", f"--store={store}")
+    run = run_pipeline(import_images.main, *args, dead_letter=tmp_path / "dead")
+    assert (run.status, run.summary["sidecars"], run.summary["success"]) == (0, 1, 3), run.stdout
+    again = run_pipeline(import_images.main, *args, dead_letter=tmp_path / "dead")
+    assert (again.status, again.summary["already_present"]) == (0, 3)
+    if kind == "gcs":
+        names = [blob.name for blob in client.list_blobs(bucket, prefix="store/studies/")]
+        assert len(names) == 3 and all(name.endswith(".dcm") for name in names)
