@@ -1,4 +1,5 @@
-"""Secondary Capture instances made from JPEG and PNG images and metadata, without I/O.
+"""Secondary Capture (or VL Photographic) instances made from JPEG and PNG images and metadata,
+without I/O.
 
 A JPEG Baseline image is kept as it is, encapsulated (JPEG Baseline transfer syntax): no re-encoding,
 so no second loss. A PNG is decoded and stored losslessly as native pixels (Explicit VR Little
@@ -36,6 +37,7 @@ from dicomlib.failures import ItemFailed
 from dicomlib.uids import InstanceRef, valid_uid
 
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+VL_PHOTOGRAPHIC = "1.2.840.10008.5.1.4.1.1.77.1.4"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 SIDECAR_SUFFIX = ".json"
 # set from the image or by the import: metadata that gives them is refused rather than overridden
@@ -73,7 +75,17 @@ TYPE_2 = (  # Patient, General Study, General Series, General Equipment, General
     "Manufacturer",
     "PatientOrientation",
 )
-DEFAULTS = {"Modality": "OT", "ConversionType": "WSD", "ImageType": ["DERIVED", "SECONDARY"]}
+# --sop_class: the SOP Class UID, and the attributes each IOD needs that metadata may give instead
+SOP_CLASSES: dict[str, tuple[str, dict[str, Any]]] = {
+    "secondary_capture": (
+        SECONDARY_CAPTURE,
+        {"Modality": "OT", "ConversionType": "WSD", "ImageType": ["DERIVED", "SECONDARY"]},
+    ),
+    "vl_photographic": (  # Acquisition Context Sequence: Type 2
+        VL_PHOTOGRAPHIC,
+        {"Modality": "XC", "ImageType": ["ORIGINAL", "PRIMARY"], "AcquisitionContextSequence": []},
+    ),
+}
 SOF_MARKERS = {  # JPEG start-of-frame markers (ITU T.81 Table B.1) and what they are
     0xC0: "Baseline",
     0xC1: "extended sequential",
@@ -351,9 +363,10 @@ def _even(pixels: bytes) -> bytes:
 # --- the instance -----------------------------------------------------------------------------
 
 
-def build_instance(image: bytes, uri: str, metadata: Dataset) -> Built:
-    """The Secondary Capture instance of an image found at `uri` (its directory and name feed the
+def build_instance(image: bytes, uri: str, metadata: Dataset, sop_class: str = "secondary_capture") -> Built:
+    """The instance (a SOP_CLASSES name) of an image found at `uri` (its directory and name feed the
     derived UIDs and the Instance Number), with `metadata` (template and sidecar merged)."""
+    sop_class_uid, defaults = SOP_CLASSES[sop_class]
     pixels = pixels_of(image)
     directory, _, name = uri.rpartition("/")
     ds = Dataset()
@@ -362,7 +375,7 @@ def build_instance(image: bytes, uri: str, metadata: Dataset) -> Built:
     for keyword in TYPE_2:
         if keyword not in ds:
             setattr(ds, keyword, None)
-    for keyword, value in DEFAULTS.items():
+    for keyword, value in defaults.items():
         if not ds.get(keyword):
             setattr(ds, keyword, value)
     if "InstanceNumber" not in ds:
@@ -370,7 +383,7 @@ def build_instance(image: bytes, uri: str, metadata: Dataset) -> Built:
         ds.InstanceNumber = int(digits.group(1)) if digits else None
     if "SpecificCharacterSet" not in ds and not _ascii(ds):
         ds.SpecificCharacterSet = "ISO_IR 192"
-    ds.SOPClassUID = SECONDARY_CAPTURE
+    ds.SOPClassUID = sop_class_uid
     ds.StudyInstanceUID = _uid(ds, "StudyInstanceUID", _study_sources(ds, directory))
     ds.SeriesInstanceUID = _uid(
         ds,

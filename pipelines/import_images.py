@@ -2,8 +2,9 @@
 
     python -m pipelines.import_images --input 'photos/**.jpg' --metadata patient.json --store ./store
 
-Each image becomes a Secondary Capture instance: a JPEG Baseline image kept as it is (encapsulated,
-no re-encoding), a PNG's pixels stored losslessly. Its attributes come from --metadata and from its
+Each image becomes a Secondary Capture instance (or, with --sop_class=vl_photographic, a VL
+Photographic one): a JPEG Baseline image kept as it is (encapsulated, no re-encoding), a PNG's
+pixels stored losslessly. Its attributes come from --metadata and from its
 sidecar `<image>.json`; its UIDs are derived from the image and the metadata, so importing it again
 finds it already present. Instances are stored as import_dicom stores files, into any store.
 """
@@ -49,7 +50,10 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions) -> None:
         expanded.files
         | "CountMatched" >> Count("matched")
         | "SpreadFiles" >> beam.Reshuffle()
-        | "Convert" >> beam.ParDo(ConvertImages(values.metadata)).with_outputs(DEAD_LETTER, main="converted")
+        | "Convert"
+        >> beam.ParDo(ConvertImages(values.metadata, values.sop_class)).with_outputs(
+            DEAD_LETTER, main="converted"
+        )
     )
     stored = (
         converted.converted

@@ -12,6 +12,7 @@ import io
 import json
 import shutil
 import subprocess
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -38,10 +39,9 @@ REAL_JPEGS = {  # pydicom test file -> the photometric interpretation its JPEG s
     "SC_rgb_small_odd_jpeg.dcm": "YBR_FULL_422",  # 3 x 3
 }
 TEMPLATE = {"PatientID": "P-1", "PatientName": "Doe^Jane", "StudyDate": "20261123", "AccessionNumber": "A-7"}
-# Type 1 attributes of the SC Image IOD's modules: SC Equipment, General Series, General Study,
-# General Image (none), Image Pixel, SC Image (none), SOP Common
+# Type 1 attributes of the SC Image IOD's modules: General Series, General Study, General Image
+# (none), Image Pixel, SC Image (none), SOP Common; SC Equipment's below
 TYPE_1 = (
-    "ConversionType",
     "Modality",
     "StudyInstanceUID",
     "SeriesInstanceUID",
@@ -62,7 +62,9 @@ TYPE_2 += ("ReferringPhysicianName", "StudyID", "AccessionNumber", "SeriesNumber
 
 
 def real_jpeg(name: str) -> bytes:
-    ds = pydicom.dcmread(TEST_FILES / name)
+    with warnings.catch_warnings():  # SC_rgb_jpeg.dcm says explicit VR and holds implicit
+        warnings.simplefilter("ignore")
+        ds = pydicom.dcmread(TEST_FILES / name)
     return next(generate_frames(ds.PixelData, number_of_frames=1))
 
 
@@ -85,20 +87,17 @@ def pillow_pixels(data: bytes, photometric: str) -> np.ndarray:
     return np.asarray(image.convert("L" if photometric == "MONOCHROME2" else "RGB"))
 
 
-def check_instance(data: bytes, image: bytes, tmp_path: Path) -> pydicom.Dataset:
+def check_instance(data: bytes, image: bytes, tmp_path: Path, iod: str = "SCImage") -> pydicom.Dataset:
     """The instance's pixels equal Pillow's decode; its Type 1 and 2 attributes are there; dcmdump
     reads it and dciodvfy (if installed) finds no error."""
     ds = pydicom.dcmread(io.BytesIO(data))
-    for keyword in TYPE_1:
+    # SC Equipment's ConversionType; the VL Image module's ImageType
+    extra = ("ConversionType",) if iod == "SCImage" else ("ImageType",)
+    for keyword in (*TYPE_1, *extra):
         assert ds.get(keyword) not in (None, ""), keyword
     for keyword in TYPE_2:
         assert keyword in ds, keyword
-    assert (ds.SOPClassUID, ds.BitsAllocated, ds.BitsStored, ds.HighBit) == (
-        "1.2.840.10008.5.1.4.1.1.7",
-        8,
-        8,
-        7,
-    )
+    assert (ds.BitsAllocated, ds.BitsStored, ds.HighBit) == (8, 8, 7)
     assert ds.PixelRepresentation == 0 and ("PlanarConfiguration" in ds) == (ds.SamplesPerPixel == 3)
     jpeg = ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.50"
     expected = pillow_pixels(image, ds.PhotometricInterpretation)
@@ -116,11 +115,24 @@ def check_instance(data: bytes, image: bytes, tmp_path: Path) -> pydicom.Dataset
     assert ds.SOPInstanceUID in dump
     if shutil.which("dciodvfy"):
         report = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True).stderr
-        assert "SCImage" in report and "Error" not in report, report
+        assert iod in report and "Error" not in report, report
     return ds
 
 
 # --- dicomlib: the instance ---------------------------------------------------------------------
+
+
+def test_a_vl_photographic_instance(tmp_path: Path) -> None:
+    image = real_jpeg("SC_rgb_jpeg_dcmtk.dcm")
+    built = build_instance(image, "/in/a.jpg", parse_metadata(json.dumps(TEMPLATE)), "vl_photographic")
+    ds = check_instance(built.data, image, tmp_path, "VLPhotographicImage")
+    assert (ds.SOPClassUID, ds.Modality, "ConversionType" in ds) == (
+        "1.2.840.10008.5.1.4.1.1.77.1.4",
+        "XC",
+        False,
+    )
+    sc = build_instance(image, "/in/a.jpg", parse_metadata(json.dumps(TEMPLATE)))
+    assert pydicom.dcmread(io.BytesIO(sc.data)).SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
 
 
 @pytest.mark.parametrize("name", REAL_JPEGS)
@@ -340,6 +352,23 @@ def test_without_metadata_each_image_needs_its_sidecar(images: Path, tmp_path: P
     )
     assert run.status == 3
     assert set(run.reasons().values()) == {"missing_metadata"} and len(run.reasons()) == 2
+
+
+@pytest.mark.parametrize(
+    ("option", "words"),
+    [
+        ("--metadata={tmp}/missing.json", "--metadata: cannot read"),
+        ("--sop_class=ct", "--sop_class: must be one of"),
+    ],
+)
+def test_a_bad_option_stops_the_run_before_it_starts(
+    option: str, words: str, images: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status = import_images.main(
+        [f"--input={images}/**", option.format(tmp=tmp_path), f"--store={tmp_path / 's'}"]
+    )
+    captured = capsys.readouterr()
+    assert (status, captured.out) == (2, "") and captured.err.startswith(f"error: {words}")
 
 
 def test_a_malformed_template_stops_the_run_before_it_starts(

@@ -42,10 +42,11 @@ class ConvertImages(beam.DoFn):
     counted as `sidecars`, not imported; every other failure goes to the dead letter.
 
     `template`: the text of --metadata (checked on the launcher), or None: then each image needs its
-    own sidecar `<image>.json`."""
+    own sidecar `<image>.json`. `sop_class`: a name of dicomlib.images.SOP_CLASSES."""
 
-    def __init__(self, template: str | None) -> None:
+    def __init__(self, template: str | None, sop_class: str) -> None:
         self.template_text = template
+        self.sop_class = sop_class
         self.bytes_read = Metrics.counter(NAMESPACE, "bytes_read")
         self.sidecars = Metrics.counter(NAMESPACE, "sidecars")
         self.failures = Metrics.counter(NAMESPACE, "failure")
@@ -88,7 +89,7 @@ class ConvertImages(beam.DoFn):
             except MetadataError as error:
                 raise ItemFailed("malformed_metadata", f"{sidecar}: {error}") from None
         try:
-            built = build_instance(image, file.uri, merged(self.template, own))
+            built = build_instance(image, file.uri, merged(self.template, own), self.sop_class)
         except MetadataError as error:
             raise ItemFailed("malformed_metadata", str(error)) from None
         return Converted(file.uri, built.data, built.ref)

@@ -12,7 +12,7 @@ from pydicom.valuerep import STANDARD_VR
 from dicomlib.convert import FILE_TYPES, TRANSFER_SYNTAXES
 from dicomlib.deidentify.config import ConfigError, parse_config
 from dicomlib.filters import FilterError, parse_line
-from dicomlib.images import MetadataError, parse_metadata
+from dicomlib.images import SOP_CLASSES, MetadataError, parse_metadata
 from dicomlib.wildcard import Pattern, PatternError, parse_pattern
 from pipelines.options.base import EtlOptions, Group, Option, OptionError, is_local
 from pipelines.options.locations import check_directory, check_local_or_gcs, check_not_url_like, check_store
@@ -86,7 +86,7 @@ class ImageMetadata(Group):
     """import_images: the attributes every image gets. The file is read and checked once on the
     launcher (a malformed one stops the run before it starts); its text travels in the options."""
 
-    title = "image metadata"
+    title = "images"
     options = (
         Option(
             "metadata",
@@ -95,10 +95,19 @@ class ImageMetadata(Group):
             '({"PatientID": "123"}). A sidecar <image>.json beside an image overrides it; without '
             "--metadata every image needs its sidecar.",
         ),
+        Option(
+            "sop_class",
+            "secondary_capture (default: Secondary Capture Image, Modality OT) or vl_photographic "
+            "(VL Photographic Image, Modality XC): what each image becomes.",
+            default="secondary_capture",
+        ),
     )
 
     @classmethod
     def check(cls, options: EtlOptions) -> None:
+        options.sop_class = (options.sop_class or "").lower()
+        if options.sop_class not in SOP_CLASSES:
+            raise OptionError("sop_class", f"must be one of {', '.join(SOP_CLASSES)}")
         if not options.metadata:
             return
         uri = check_local_or_gcs("metadata", options.metadata)
