@@ -17,7 +17,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from dicomlib.wildcard import parse_pattern
-from pipelines.import_dicom import _write_rows
+from pipelines.import_dicom import write_rows
 from pipelines.options.base import EtlOptions
 from pipelines.options.groups import (
     DeadLetter,
@@ -31,7 +31,7 @@ from pipelines.run import Pipeline
 from pipelines.run_log import run_name
 from transforms.dead_letter import DEAD_LETTER, WriteDeadLetters
 from transforms.expand import ExpandPatterns
-from transforms.import_images import ConvertImages, WriteImages
+from transforms.import_images import ConvertImages, RowsOfStoredImages, WriteImages
 from transforms.progress import Count, count_failures
 
 GROUPS = (Input, ImageMetadata, StoreToImport, DicomwebWrites, RowsOfRun, DeadLetter)
@@ -69,7 +69,7 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions) -> None:
     failures = [expanded[DEAD_LETTER], converted[DEAD_LETTER], stored[DEAD_LETTER]]
     name = run_name("import_images")
     if values.metadata_destination:
-        failures += _write_rows(stored.stored, values, name)
+        failures += write_rows(stored.stored, values, name, RowsOfStoredImages)
     _ = (
         count_failures(failures)
         | "AllFailures" >> beam.Flatten()

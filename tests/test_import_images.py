@@ -298,6 +298,7 @@ def images(tmp_path: Path) -> Path:
 def test_an_import_stores_every_good_image_and_dead_letters_the_rest(images: Path, tmp_path: Path) -> None:
     store, dead = tmp_path / "store", tmp_path / "dead"
     args = (f"--input={images}/**", f"--metadata={tmp_path / 'template.json'}", f"--store={store}")
+    args += (f"--metadata_destination={tmp_path / 'rows'}",)  # a row per newly stored instance
     run = run_pipeline(import_images.main, *args, dead_letter=dead)
     assert run.status == 3, run.stdout
     assert run.summary | {"bytes_read": 0, "bytes_stored": 0, "failure_reasons": {}} == {
@@ -309,7 +310,7 @@ def test_an_import_stores_every_good_image_and_dead_letters_the_rest(images: Pat
         "unmatched_patterns": 0,
         "bytes_read": 0,
         "bytes_stored": 0,
-        "metadata_rows": 0,
+        "metadata_rows": 4,
         "metadata_rows_restored": 0,
         "metadata_failures": 0,
         "failure_reasons": {},
@@ -329,6 +330,7 @@ def test_an_import_stores_every_good_image_and_dead_letters_the_rest(images: Pat
 
     again = run_pipeline(import_images.main, *args, dead_letter=dead)
     assert (again.status, again.summary["success"], again.summary["already_present"]) == (3, 0, 4)
+    assert (again.summary["metadata_rows"], again.summary["metadata_rows_restored"]) == (0, 0)
 
     table = tmp_path / "table"
     rows = run_pipeline(
