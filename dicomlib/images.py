@@ -29,6 +29,7 @@ from pydicom import config as pydicom_config
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
+from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 from pydicom.uid import UID, ExplicitVRLittleEndian, JPEGBaseline8Bit
 from pydicom.valuerep import validate_value
@@ -176,7 +177,7 @@ def _dataset(obj: Any, where: str) -> Dataset:
                 raise MetadataError(f"{where}{key}: not a DICOM keyword (nor a tag like 00100020)")
             tag, name = Tag(number), key
             element = _keyword_element(tag, value, f"{where}{key}")
-        if name in FROM_IMAGE or tag.group == 0x0002:
+        if not where and (name in FROM_IMAGE or tag.group == 0x0002):  # the top level only
             raise MetadataError(f"{where}{name}: set from the image by the import, not by metadata")
         _check(element.VR, element.value, f"{where}{name}")
         if tag in ds:
@@ -222,8 +223,11 @@ def _keyword_element(tag: int, value: Any, where: str) -> Any:
 def _check(vr: str, value: Any, where: str) -> None:
     """A value pydicom would write, and that its VR allows (length, characters, form)."""
     if vr == "SQ":
-        return  # each item was checked as it was read
-    for one in value if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue" else [value]:
+        for n, item in enumerate(value):  # DICOM JSON items; keyword-form items were checked as read
+            for element in item:
+                _check(element.VR, element.value, f"{where}[{n}].{element.keyword or element.tag}")
+        return
+    for one in value if isinstance(value, list | tuple | MultiValue) else [value]:
         if one is None or one == "":
             continue
         try:

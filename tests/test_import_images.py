@@ -246,8 +246,10 @@ def test_metadata_in_both_forms_fills_the_instance(tmp_path: Path) -> None:
         ('{"SeriesNumber": "one"}', "SeriesNumber"),
         ('{"SOPInstanceUID": "1.2.3"}', "every image the same UID"),
         ('{"PatientID": "a", "00100020": {"vr": "LO", "Value": ["b"]}}', "PatientID: given twice"),
+        ('{"00081110": {"vr": "SQ", "Value": [{"00081150": {"vr": "UI", "Value": ["1.x"]}}]}}', r"\[0\]"),
     ],
 )
+@pytest.mark.filterwarnings("ignore:Invalid value for VR")  # pydicom reading DICOM JSON warns first
 def test_malformed_metadata_is_refused_with_what_is_wrong(text: str, words: str) -> None:
     with pytest.raises(MetadataError, match=words):
         parse_metadata(text, template=True)
