@@ -74,7 +74,10 @@ class ConvertImages(beam.DoFn):
     def _convert(self, file: MatchedFile) -> Converted:
         if file.size > MAX_IMAGE_BYTES:
             raise ItemFailed("too_large", f"{file.size:,} bytes; images up to {MAX_IMAGE_BYTES:,} are read")
-        image = _read(file.uri)
+        try:
+            image = _read(file.uri)
+        except FileNotFoundError:  # gone since it was listed
+            raise ItemFailed("read_error", f"{file.uri} is gone") from None
         self.bytes_read.inc(len(image))
         sidecar = sidecar_of(file.uri)
         try:
