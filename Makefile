@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 AIRFLOW_VENV := .venv-airflow
-DEBIAN_PACKAGES := dcmtk orthanc orthanc-dicomweb tesseract-ocr
+DEBIAN_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb tesseract-ocr
 
 .PHONY: quickstart test lint system-packages
 

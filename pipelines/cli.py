@@ -9,7 +9,14 @@ import importlib.util
 import sys
 from pathlib import Path
 
-PIPELINES = ("import_dicom", "export_dicom", "export_metadata", "delete_dicom", "deidentify_dicom")
+PIPELINES = (
+    "import_dicom",
+    "export_dicom",
+    "export_metadata",
+    "delete_dicom",
+    "deidentify_dicom",
+    "import_images",
+)
 USAGE = "usage: dicom-etl PIPELINE --option=value ...   (dicom-etl PIPELINE --help lists its options)"
 
 

@@ -61,7 +61,7 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions) -> None:
     failures = [expanded[DEAD_LETTER], parsed[DEAD_LETTER], stored[DEAD_LETTER]]
     name = run_name("import_dicom")
     if values.metadata_destination:
-        failures += _write_rows(stored.stored, values, name)
+        failures += write_rows(stored.stored, values, name)
     _ = (
         count_failures(failures)
         | "AllFailures" >> beam.Flatten()
@@ -69,13 +69,17 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions) -> None:
     )
 
 
-def _write_rows(stored: beam.PCollection[dict], values: EtlOptions, name: str) -> list[beam.PCollection]:
+def write_rows(
+    stored: beam.PCollection[dict],
+    values: EtlOptions,
+    name: str,
+    rows: type[RowsOfImported] = RowsOfImported,
+) -> list[beam.PCollection]:
     """One CREATE row per newly stored instance, as the Healthcare API's streaming does, to every
     destination; and, to each destination, rows for the already-present instances it has no
-    current row for (a run stopped between storing and writing rows): the dead letters."""
-    rows_of = RowsOfImported(
-        values.store, values.exclude_vr, values.storage_class, values.max_requests_in_flight
-    )
+    current row for (a run stopped between storing and writing rows): the dead letters. `rows`
+    makes them (import_images reads the stored instance, not the imported file)."""
+    rows_of = rows(values.store, values.exclude_vr, values.storage_class, values.max_requests_in_flight)
     new = (
         stored
         | "NewlyStored" >> beam.Filter(lambda record: record["outcome"] == SUCCESS)

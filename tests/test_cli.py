@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import delete_dicom, export_dicom, export_metadata, import_dicom
+from pipelines import delete_dicom, export_dicom, export_metadata, import_dicom, import_images
 from pipelines.options.base import OptionError
 from pipelines.summary import failure_line, summarize
 from tests.command_line import ENTRIES, SAMPLE, Place, SilentServer, interrupted_import
@@ -23,6 +23,7 @@ PIPELINES = {
     "export_dicom": export_dicom,
     "export_metadata": export_metadata,
     "delete_dicom": delete_dicom,
+    "import_images": import_images,
 }
 MR_SERIES = sorted(str(path) for path in (SAMPLE / "mr" / "98892003").glob("*.dcm"))
 JPEG_2000_LOSSLESS = "1.2.840.10008.1.2.4.90"

@@ -19,6 +19,7 @@ from dicomlib.convert import (
 )
 from dicomlib.deidentify.config import ConfigError, parse_config
 from dicomlib.filters import FilterError, parse_line
+from dicomlib.images import SOP_CLASSES, MetadataError, parse_metadata
 from dicomlib.wildcard import Pattern, PatternError, parse_pattern
 from pipelines.options.base import EtlOptions, Group, Option, OptionError, is_local
 from pipelines.options.locations import check_directory, check_local_or_gcs, check_not_url_like, check_store
@@ -87,6 +88,46 @@ def _pattern(text: str) -> Pattern:
     except PatternError as error:
         raise OptionError("input", str(error)) from None
     return pattern if pattern.is_gcs else parse_pattern(os.path.abspath(text))
+
+
+class ImageMetadata(Group):
+    """import_images: the attributes every image gets. The file is read and checked once on the
+    launcher (a malformed one stops the run before it starts); its text travels in the options."""
+
+    title = "images"
+    options = (
+        Option(
+            "metadata",
+            "A local or gs:// JSON file of DICOM attributes for every image (patient, study, series): "
+            'the DICOM JSON model ({"00100020": {"vr": "LO", "Value": ["123"]}}) or keywords '
+            '({"PatientID": "123"}). A sidecar <image>.json beside an image overrides it; without '
+            "--metadata every image needs its sidecar.",
+        ),
+        Option(
+            "sop_class",
+            "secondary_capture (default: Secondary Capture Image, Modality OT) or vl_photographic "
+            "(VL Photographic Image, Modality XC): what each image becomes.",
+            default="secondary_capture",
+        ),
+    )
+
+    @classmethod
+    def check(cls, options: EtlOptions) -> None:
+        options.sop_class = (options.sop_class or "").lower()
+        if options.sop_class not in SOP_CLASSES:
+            raise OptionError("sop_class", f"must be one of {', '.join(SOP_CLASSES)}")
+        if not options.metadata:
+            return
+        uri = check_local_or_gcs("metadata", options.metadata)
+        try:
+            text = read_bytes(uri).decode("utf-8")
+        except Exception as error:  # OSError, bad UTF-8, or a gs:// client's own errors
+            raise OptionError("metadata", f"cannot read {uri}: {error}") from None
+        try:
+            parse_metadata(text, template=True)
+        except MetadataError as error:
+            raise OptionError("metadata", f"{uri}: {error}") from None
+        options.metadata = text
 
 
 class DicomwebWrites(Group):
