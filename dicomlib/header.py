@@ -209,6 +209,20 @@ def data_set_digest(stream: BinaryIO) -> str:
     return digest.hexdigest()
 
 
+def stored_sop_instance_uid(stream: BinaryIO) -> str | None:
+    """The SOP Instance UID of a Part 10 file a store handed back, from its header (values over
+    DEFER_BYTES unread); None if there is none that pydicom can read."""
+    stream.seek(0)
+    try:
+        dataset = pydicom.dcmread(
+            stream, stop_before_pixels=True, defer_size=DEFER_BYTES, specific_tags=["SOPInstanceUID"]
+        )
+        value = dataset.get("SOPInstanceUID")
+    except Exception:  # whatever pydicom raises on a file it cannot parse
+        return None
+    return str(value).rstrip("\x00 ") if value else None
+
+
 def data_set_start(stream: BinaryIO) -> int:
     """The offset where a Part 10 file's data set begins: after the preamble, `DICM` and the file
     meta group's elements (explicit VR little endian, whatever the data set's syntax); 0 for a
