@@ -21,14 +21,16 @@ present instances this store has been asked to compare come to at least 1/SERIES
 instances the series holds (NumberOfSeriesRelatedInstances, one QIDO-RS query per series) is read
 whole in one WADO-RS request (`GET /studies/{st}/series/{se}`, multipart, `transfer-syntax=*`), each
 instance digested as it streams in and dropped, and the digests of the whole series kept (up to
-DIGESTS_KEPT per store) for the batches of it still to come. Until then, and for instances stored
-after the series was read, each instance is read alone. So a re-run costs one QIDO-RS query a batch
-plus about two requests a series (with a series of 50 or more instances, under 0.1 requests per
-instance), and never reads more than SERIES_READ_RATIO times the bytes the instances asked about
-hold, even when a few files of a large stored series are imported again. The digests kept are of
-what the store held when the series was read: a stored instance does not change under its UID
-(Orthanc keeps the first copy, the Healthcare API answers 409 to other bytes) unless it is deleted
-and stored again meanwhile, which a running import does not guard against in any case.
+DIGESTS_KEPT per store) for the batches of it still to come: their instances found there need no
+QIDO-RS query either. Until then, and for instances stored after the series was read, each instance
+is read alone. So a re-run costs a QIDO-RS query for each of the first batches plus about two
+requests a series (with series of 50 instances or more, under 0.1 requests per instance), and never
+reads more than SERIES_READ_RATIO times the bytes the instances asked about hold, even when a few
+files of a large stored series are imported again. What is kept is what the store held when the
+series was read: a stored instance does not change under its UID (Orthanc keeps the first copy, the
+Healthcare API answers 409 to other bytes) unless it is deleted, and deleting from a store while
+importing into it is not guarded against (neither was it when each instance was read alone: the
+verdict came after the query and the read).
 """
 
 from __future__ import annotations
@@ -98,14 +100,19 @@ class DicomWebStore(Store):
     # Writing
 
     def write(self, batch: Sequence[Parsed]) -> list[Written]:
+        known = self._read_whole([item.ref for item in batch])  # present: no QIDO-RS needed
         try:
-            stored = self._stored_refs([item.ref for item in batch])
+            stored = self._stored_refs([item.ref for item in batch if item.ref.sop not in known])
         except RequestFailed as error:
             detail = f"QIDO-RS before STOW-RS: {error}"
             return [Written(FAILURE, self.root + item.ref.path(), "write_error", detail) for item in batch]
+        stored |= {sop: ref for sop, (ref, _) in known.items()}
+        digests = {sop: digest for sop, (_, digest) in known.items()}
+        digests |= self._present_digests(
+            [item.ref for item in batch if item.ref.sop not in known and stored.get(item.ref.sop) == item.ref]
+        )
         results: dict[int, Written] = {}
         new = []
-        digests = self._present_digests([item.ref for item in batch if stored.get(item.ref.sop) == item.ref])
         for index, item in enumerate(batch):
             if item.ref.sop in stored:
                 results[index] = self._compare(item, stored[item.ref.sop], digest=digests.get(item.ref.sop))
@@ -230,6 +237,19 @@ class DicomWebStore(Store):
                         self._kept(len(seen.digests))
                 known = seen.digests or {}
             found.update((ref.sop, known[ref.sop]) for ref in wanted if ref.sop in known)
+        return found
+
+    def _read_whole(self, refs: Sequence[InstanceRef]) -> dict[str, tuple[InstanceRef, str]]:
+        """The instances found, with their digests, in a series this store has read whole: stored
+        (see the module's docstring), so no QIDO-RS query need look for them."""
+        with self.series_lock:
+            series = {key: self.series_seen.get(key) for key in {(ref.study, ref.series) for ref in refs}}
+        found = {}
+        for ref in refs:
+            seen = series[(ref.study, ref.series)]
+            digest = seen.digests.get(ref.sop) if seen is not None and seen.digests is not None else None
+            if digest is not None:
+                found[ref.sop] = (ref, digest)
         return found
 
     def _series_seen(self, key: tuple[str, str]) -> SeriesSeen:
