@@ -16,21 +16,23 @@ FailureReason 0x0110 or 0x0111) is looked up by that UID alone and compared too.
 Comparing is exact: SHA-256 of the stored data set's bytes (data_set_digest: everything after the
 file meta group, pixels included) against the file's. The stored bytes must therefore be read; the
 metadata (`/series/{se}/metadata`) would not do, since its bulk data are only URIs, and fetching
-those is again a request per instance. What a re-run saves is requests, not bytes: a series whose
-present instances this store has been asked to compare come to at least 1/SERIES_READ_RATIO of the
-instances the series holds (NumberOfSeriesRelatedInstances, one QIDO-RS query per series) is read
-whole in one WADO-RS request (`GET /studies/{st}/series/{se}`, multipart, `transfer-syntax=*`), each
-instance digested as it streams in and dropped, and the digests of the whole series kept (up to
-DIGESTS_KEPT per store) for the batches of it still to come: their instances found there need no
-QIDO-RS query either. Until then, and for instances stored after the series was read, each instance
-is read alone. So a re-run costs a QIDO-RS query for each of the first batches plus about two
-requests a series (with series of 50 instances or more, under 0.1 requests per instance), and never
-reads more than SERIES_READ_RATIO times the bytes the instances asked about hold, even when a few
-files of a large stored series are imported again. What is kept is what the store held when the
-series was read: a stored instance does not change under its UID (Orthanc keeps the first copy, the
-Healthcare API answers 409 to other bytes) unless it is deleted, and deleting from a store while
-importing into it is not guarded against (neither was it when each instance was read alone: the
-verdict came after the query and the read).
+those is again a request per instance. What a re-run saves is requests, not bytes. Once the present
+instances of a series that this store was asked to compare, in this batch and the ones before,
+reach 1/SERIES_READ_RATIO of what the series holds (NumberOfSeriesRelatedInstances: one QIDO-RS
+query a series), the series is read whole in one WADO-RS request (`GET /studies/{st}/series/{se}`,
+multipart, `transfer-syntax=*`), each instance digested as it streams in and dropped, and the
+digests of the whole series are kept (up to DIGESTS_KEPT per store) for the batches of it still to
+come, whose instances found there need no QIDO-RS query either. Until then, and for instances stored
+after their series was read, each instance is read alone. Batches are not made by series (a shuffle
+on the SOP Instance UID comes first), hence the count over batches. A re-run thus costs a QIDO-RS
+query for each batch holding unread series, two requests a series, and up to 1/SERIES_READ_RATIO of
+a series' instances read alone before it is read whole: with series of 50 instances or more, under
+0.1 requests per instance. It never reads more than SERIES_READ_RATIO times the bytes of what it
+was asked to compare, even when a few files of a large stored series are imported again. What is
+kept is what the store held when the series was read: a stored instance does not change under its
+UID (Orthanc keeps the first copy, the Healthcare API answers 409 to other bytes) unless it is
+deleted, and deleting from a store while importing into it is not guarded against (neither was it
+when each instance was read alone: the verdict came after the query and the read).
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ PAGE = 1000
 LIST_MATCH = 100  # SOP Instance UIDs in one QIDO-RS query: about 6.5 KB of URL
 DICOM_PART = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 SERIES_READ_RATIO = 20  # read a series whole once asked about 1/20 of its instances (see above)
-SERIES_READ_MIN = 2  # one instance alone is as cheap to read by itself
+SERIES_READ_MIN = 2  # a series asked about once is not read whole: one instance alone costs as much
 DIGESTS_KEPT = 200_000  # digests of series read whole, per store: about 40 MB
 SERIES_KEPT = 20_000  # series this store keeps track of
 
@@ -232,9 +234,9 @@ class DicomWebStore(Store):
             with seen.lock:  # another batch of this series waits for its reading, then uses it
                 if seen.digests is None:
                     seen.asked += len(wanted)
-                    if len(wanted) >= SERIES_READ_MIN and self._worth_reading(key, seen):
+                    if seen.asked >= SERIES_READ_MIN and self._worth_reading(key, seen):
                         seen.digests = self._read_series(*key)
-                        self._kept(len(seen.digests))
+                        self._kept(key, seen)
                 known = seen.digests or {}
             found.update((ref.sop, known[ref.sop]) for ref in wanted if ref.sop in known)
         return found
@@ -262,10 +264,12 @@ class DicomWebStore(Store):
             self.series_seen.move_to_end(key)
             return seen
 
-    def _kept(self, count: int) -> None:
-        """`count` more digests are kept: forget the series used longest ago beyond DIGESTS_KEPT."""
+    def _kept(self, key: tuple[str, str], seen: SeriesSeen) -> None:
+        """The series was read: forget those used longest ago beyond DIGESTS_KEPT digests."""
         with self.series_lock:
-            self.digests_kept += count
+            if self.series_seen.get(key) is not seen:  # forgotten while it was read
+                return
+            self.digests_kept += len(seen.digests or {})
             while self.digests_kept > DIGESTS_KEPT and len(self.series_seen) > 1:
                 self._forget_oldest()
 
@@ -275,14 +279,16 @@ class DicomWebStore(Store):
 
     def _worth_reading(self, key: tuple[str, str], seen: SeriesSeen) -> bool:
         """Whether the instances asked about so far are at least 1/SERIES_READ_RATIO of the
-        series; a series of unknown size is read."""
+        series, and its digests fit in DIGESTS_KEPT; a series of unknown size is read."""
         if not seen.sized:
             try:
                 seen.size = self._series_size(*key)
             except RequestFailed as error:
                 LOGGER.info("%s: the size of series %s is unknown: %s", self.root, key[1], error)
             seen.sized = True
-        return seen.size is None or seen.asked * SERIES_READ_RATIO >= seen.size
+        if seen.size is None:
+            return True
+        return seen.size <= DIGESTS_KEPT and seen.asked * SERIES_READ_RATIO >= seen.size
 
     def _series_size(self, study: str, series: str) -> int | None:
         """How many instances the store holds in the series (QIDO-RS NumberOfSeriesRelatedInstances);
@@ -291,7 +297,8 @@ class DicomWebStore(Store):
         for item in self.http.json("GET", dicomweb_path(study) + "/series", params=params):
             size = first_value(item, "00201209")
             if first_value(item, "0020000E") == series and size is not None:
-                return int(size)
+                with contextlib.suppress(TypeError, ValueError):
+                    return int(size)
         return None
 
     def _read_series(self, study: str, series: str) -> dict[str, str]:

@@ -13,10 +13,13 @@ import pytest
 from pydicom.uid import generate_uid
 
 from storage.multipart import split_parts
+from storage.store import ALREADY_PRESENT, SUCCESS
+from storage.stores import open_store
 from tests.conftest import run_import
 from tests.fault_proxy import FaultProxy
 from tests.healthcare_server import STORE, HealthcareApi
 from tests.orthanc_server import Orthanc
+from tests.test_stores import parsed
 
 CT = Path(__file__).resolve().parents[1] / "sample" / "ct" / "CT_small.dcm"
 
@@ -117,6 +120,33 @@ def test_a_rerun_into_the_healthcare_api_lists_and_reads_each_series_once(
     assert again.reasons() == {str(paths[40]): "conflict"}
     assert len(gets) == 4  # each series listed, then read whole: no request per instance
     assert len(healthcare.dicomweb("POST")) == 1  # the first run's STOW-RS only
+
+
+def test_a_series_spread_one_instance_a_batch_is_read_whole_once_enough_of_it_was_asked_for(
+    orthanc: Orthanc, tmp_path: Path
+) -> None:
+    """As on a distributed runner, where the shuffle on the SOP Instance UID scatters each series."""
+    paths = make_series(tmp_path / "inbox", series=3, each=8)
+    items = [parsed(path) for path in paths]
+    by_series = [items[number * 8 : (number + 1) * 8] for number in range(3)]
+    assert {result.outcome for result in open_store(orthanc.dicomweb).write(items)} == {SUCCESS}
+
+    with FaultProxy(orthanc.rest) as proxy:
+        store = open_store(f"{proxy.url}/dicom-web")
+        outcomes, made = [], []
+        for batch in zip(*by_series, strict=True):  # one instance of each series a batch
+            before = len(proxy.requests)
+            outcomes += [result.outcome for result in store.write(list(batch))]
+            made.append([request.path.split("?")[0] for request in proxy.requests[before:]])
+        store.close()
+
+    assert outcomes == [ALREADY_PRESENT] * 24
+    assert len(made[0]) == 1 + 3  # the query; each asked about once: read alone
+    assert len(made[1]) == 1 + 3 + 3  # the query; each series' size, then each read whole
+    assert len([path for path in made[1] if path.endswith("/series")]) == 3
+    assert len([path for path in made[1] if path.endswith(tuple("0123456789"))]) == 3
+    assert not [path for path in made[1] if "/instances/" in path]
+    assert made[2:] == [[]] * 6  # found in the series read: no query, no read
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 7, 64, 10_000])
