@@ -17,22 +17,24 @@ Comparing is exact: SHA-256 of the stored data set's bytes (data_set_digest: eve
 file meta group, pixels included) against the file's. The stored bytes must therefore be read; the
 metadata (`/series/{se}/metadata`) would not do, since its bulk data are only URIs, and fetching
 those is again a request per instance. What a re-run saves is requests, not bytes. Once the present
-instances of a series that this store was asked to compare, in this batch and the ones before,
-reach 1/SERIES_READ_RATIO of what the series holds (NumberOfSeriesRelatedInstances: one QIDO-RS
-query a series), the series is read whole in one WADO-RS request (`GET /studies/{st}/series/{se}`,
-multipart, `transfer-syntax=*`), each instance digested as it streams in and dropped, and the
-digests of the whole series are kept (up to DIGESTS_KEPT per store) for the batches of it still to
-come, whose instances found there need no QIDO-RS query either. Until then, and for instances stored
-after their series was read, each instance is read alone. Batches are not made by series (a shuffle
-on the SOP Instance UID comes first), hence the count over batches. A re-run thus costs a QIDO-RS
-query for each batch holding unread series, two requests a series, and up to 1/SERIES_READ_RATIO of
-a series' instances read alone before it is read whole: with series of 50 instances or more, under
-0.1 requests per instance. It never reads more than SERIES_READ_RATIO times the bytes of what it
-was asked to compare, even when a few files of a large stored series are imported again. What is
-kept is what the store held when the series was read: a stored instance does not change under its
-UID (Orthanc keeps the first copy, the Healthcare API answers 409 to other bytes) unless it is
-deleted, and deleting from a store while importing into it is not guarded against (neither was it
-when each instance was read alone: the verdict came after the query and the read).
+instances of a series that this store was asked to compare, in this batch and the ones before, reach
+1/SERIES_READ_RATIO of what the series holds (NumberOfSeriesRelatedInstances: one QIDO-RS query a
+series), the series is read whole in one WADO-RS request (`GET /studies/{st}/series/{se}`,
+multipart, `transfer-syntax=*`), each instance digested as it streams in (known by the
+MediaStorageSOPInstanceUID of its file meta group) and dropped, and the digests of the series are
+kept (up to DIGESTS_KEPT per store) for the batches of it still to come, whose instances found there
+need no QIDO-RS query either. Until then, and for instances stored after their series was read, each
+instance is read alone, as is one whose digest differs, to confirm the conflict. Batches are not
+made by series (a shuffle on the SOP Instance UID comes first), hence the count over batches. A
+re-run thus costs a QIDO-RS query for each batch holding unread series, two requests a series, and
+up to 1/SERIES_READ_RATIO of a series' instances read alone before it is read whole: with series of
+50 instances or more, under 0.1 requests per instance. It never reads more than SERIES_READ_RATIO
+times the bytes of what it was asked to compare, even when a few files of a large stored series are
+imported again. What is kept is what the store held when the series was read: a stored instance does
+not change under its UID (Orthanc keeps the first copy, the Healthcare API answers 409 to other
+bytes) unless it is deleted, and deleting from a store while importing into it is not guarded
+against (neither was it when each instance was read alone: the verdict came after the query and the
+read).
 """
 
 from __future__ import annotations
@@ -43,14 +45,14 @@ import logging
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import Any
 
 import requests
 
 from dicomlib import NAMESPACE
 from dicomlib.dicom_json import first_value, instance_ref
 from dicomlib.failures import describe
-from dicomlib.header import data_set_digest, stored_sop_instance_uid
+from dicomlib.header import DataSetDigester, data_set_digest
 from dicomlib.stow_response import DUPLICATE_INSTANCE, PROCESSING_FAILURE, StowAnswer, stow_answer
 from dicomlib.uids import InstanceRef, dicomweb_path
 from storage.dicomweb_client import (
@@ -208,11 +210,13 @@ class DicomWebStore(Store):
         self, item: Parsed, stored: InstanceRef, server: str = "", digest: str | None = None
     ) -> Written:
         """Already stored: the same data set (file meta aside, which servers may rewrite)?
-        `server` is what STOW-RS said of it, if it was sent; `digest` the stored data set's, if
-        known (else it is read)."""
+        `server` is what STOW-RS said of it, if it was sent; `digest` the stored data set's from
+        reading its series, if known. Without it, or if it differs (a conflict is confirmed by the
+        instance itself), the instance is read."""
         location = self.root + stored.path()
         try:
-            same = stored == item.ref and (digest or self._digest(stored)) == _file_digest(item.file)
+            expected = _file_digest(item.file) if stored == item.ref else None
+            same = expected is not None and (expected == digest or expected == self._digest(stored))
         except OSError as error:
             return Written(FAILURE, location, "read_error", describe(error))
         note = f" (STOW-RS: {server})" if server else ""
@@ -303,15 +307,14 @@ class DicomWebStore(Store):
 
     def _read_series(self, study: str, series: str) -> dict[str, str]:
         """The data set digest of every instance of the series, by SOP Instance UID: one WADO-RS
-        request, each instance spooled to a file as it arrives, digested and dropped. A series that
-        cannot be read gives nothing (its instances are then read one by one)."""
-        with spool_file() as path:
-            digester = SeriesDigester(path)
-            try:
-                self.http.receive(dicomweb_path(study, series), DICOM_PART, digester.consume)
-            except OSError as error:  # RequestFailed, FileNotFoundError: the instances, one by one
-                LOGGER.info("%s: series %s not read whole: %s", self.root, series, describe(error))
-                return {}
+        request, each instance digested as it arrives and dropped. A series that cannot be read
+        gives nothing (its instances are then read one by one)."""
+        digester = SeriesDigester()
+        try:
+            self.http.receive(dicomweb_path(study, series), DICOM_PART, digester.consume)
+        except OSError as error:  # RequestFailed, FileNotFoundError: the instances, one by one
+            LOGGER.info("%s: series %s not read whole: %s", self.root, series, describe(error))
+            return {}
         return digester.digests
 
     def _stored_refs(self, refs: Sequence[InstanceRef]) -> dict[str, InstanceRef]:
@@ -423,32 +426,24 @@ class SeriesSeen:
 
 
 class SeriesDigester:
-    """The parts of a multipart WADO-RS answer, each written to `path` and digested as it ends."""
+    """The parts of a multipart WADO-RS answer, each digested as it streams in (DataSetDigester),
+    by the SOP Instance UID its file meta group names."""
 
-    def __init__(self, path: str) -> None:
-        self.path = path
+    def __init__(self) -> None:
         self.digests: dict[str, str] = {}
-        self.out: BinaryIO | None = None
+        self.part = DataSetDigester()
 
     def consume(self, chunks: Iterator[bytes], content_type: str) -> None:
         self.digests = {}  # an answer asked again is consumed again from its start
-        try:
-            split_parts(chunks, content_type, self)
-        finally:
-            if self.out is not None:
-                self.out.close()
+        split_parts(chunks, content_type, self)
 
     def begin(self) -> None:
-        self.out = open(self.path, "wb")  # noqa: SIM115 - closed by end()
+        self.part = DataSetDigester()
 
     def write(self, data: bytes) -> None:
-        assert self.out is not None
-        self.out.write(data)
+        self.part.update(data)
 
     def end(self) -> None:
-        assert self.out is not None
-        self.out.close()
-        with open(self.path, "rb") as stored:
-            sop = stored_sop_instance_uid(stored)
-            if sop is not None:  # one without a readable UID is read alone, and judged then
-                self.digests[sop] = data_set_digest(stored)
+        sop, digest = self.part.result()
+        if sop is not None:  # one that names no instance is read alone, and judged then
+            self.digests[sop] = digest

@@ -12,6 +12,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
+from dicomlib.header import DataSetDigester, data_set_digest
 from storage.multipart import split_parts
 from storage.store import ALREADY_PRESENT, SUCCESS
 from storage.stores import open_store
@@ -43,6 +44,15 @@ def make_series(folder: Path, series: int, each: int) -> list[Path]:
     return paths
 
 
+def sop(path: Path) -> str:
+    return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+def ref(path: Path) -> str:
+    dataset = pydicom.dcmread(path, stop_before_pixels=True)
+    return f"/studies/{dataset.StudyInstanceUID}/series/{dataset.SeriesInstanceUID}/instances/{sop(path)}"
+
+
 def change_name(path: Path) -> None:
     dataset = pydicom.dcmread(path)
     dataset.PatientName = "Someone^Else"
@@ -72,7 +82,7 @@ def test_a_rerun_reads_each_series_once_and_finds_exactly_the_changed_instances_
         again = run_import(
             f"--input={tmp_path}/inbox/*.dcm", f"--store={proxy.url}/dicom-web", dead_letter=tmp_path / "b"
         )
-        requests = [(request.method, request.path) for request in proxy.requests]
+        requests = [(request.method, request.path.split("?")[0]) for request in proxy.requests]
 
     assert (first.status, first.summary["success"]) == (0, 200)
     assert again.status == 3
@@ -80,8 +90,13 @@ def test_a_rerun_reads_each_series_once_and_finds_exactly_the_changed_instances_
     assert again.reasons() == {str(named): "conflict", str(pixel): "conflict"}
     assert orthanc.instance_count() == 200
     assert len(requests) <= 0.1 * 200  # a QIDO-RS query a batch, the size and the reading of each series
-    assert not [path for method, path in requests if method == "POST" or "/instances/" in path]
-    assert len([path for _, path in requests if path.split("?")[0].endswith(tuple("0123456789"))]) == 4
+    assert not [path for method, path in requests if method == "POST"]
+    read_alone = {path.rsplit("/", 1)[-1] for _, path in requests if "/instances/" in path}
+    assert read_alone == {sop(named), sop(pixel)}  # each conflict confirmed by the instance itself
+    series_read = [
+        path for _, path in requests if path.endswith(tuple("0123456789")) and "/instances/" not in path
+    ]
+    assert len(series_read) == 4
 
 
 def test_a_few_instances_of_a_large_stored_series_are_read_alone_not_the_series(
@@ -118,7 +133,8 @@ def test_a_rerun_into_the_healthcare_api_lists_and_reads_each_series_once(
     gets = [seen.path for seen in healthcare.dicomweb("GET")[before:]]
     assert (again.summary["already_present"], again.summary["success"]) == (59, 0)
     assert again.reasons() == {str(paths[40]): "conflict"}
-    assert len(gets) == 4  # each series listed, then read whole: no request per instance
+    assert len(gets) == 2 + 2 + 1  # each series listed, then read whole; the conflict read alone
+    assert [path for path in gets if "/instances/" in path] == [f"/v1/{STORE}/dicomWeb{ref(paths[40])}"]
     assert len(healthcare.dicomweb("POST")) == 1  # the first run's STOW-RS only
 
 
@@ -147,6 +163,20 @@ def test_a_series_spread_one_instance_a_batch_is_read_whole_once_enough_of_it_wa
     assert len([path for path in made[1] if path.endswith(tuple("0123456789"))]) == 3
     assert not [path for path in made[1] if "/instances/" in path]
     assert made[2:] == [[]] * 6  # found in the series read: no query, no read
+
+
+@pytest.mark.parametrize("size", [1, 5, 131, 133, 4096])
+def test_a_digest_fed_piece_by_piece_is_the_digest_of_the_whole_file(size: int) -> None:
+    for path in [CT, *sorted(CT.parent.parent.rglob("*.dcm"))[:4]]:
+        data = path.read_bytes()
+        digester = DataSetDigester()
+        for start in range(0, len(data), size):
+            digester.update(data[start : start + size])
+
+        assert digester.result() == (sop(path), data_set_digest(io.BytesIO(data)))
+    short = DataSetDigester()
+    short.update(b"not DICOM")
+    assert short.result() == (None, data_set_digest(io.BytesIO(b"not DICOM")))
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 7, 64, 10_000])
