@@ -1,6 +1,6 @@
 """Benchmark: our batched STOW-RS import into Orthanc versus one instance per request, as Beam's dicomio.
 
-    python bench/stow.py [--instances 1000] [--rounds 3]
+    python bench/stow.py [--instances 1000] [--rounds 3] [--part import|rerun|all] [--series_size 50]
 
 Makes the instances once with fresh UIDs from the corpus (bench/import_parse.py's make_instances):
 5% multi-MB (2.1-7.2 MB: multi-frame MR, large radiographs, a colour volume) and 95% the corpus's
@@ -25,6 +25,14 @@ reconnects upstream per request, which would slow the timed runs); that pass als
 the page cache. Ends with one JSON line per metric on stdout (for fraction_of_ceiling, "baseline" is
 the ceiling); progress goes to stderr. Targets: instances/s at least 1.5x the baseline, at most 0.1x
 its requests, and at least 0.8 of the ceiling.
+
+The re-run part makes --instances small instances (the corpus's files under 2 MB), --series_size a
+series, imports them into an emptied Orthanc and imports them again (every one already_present):
+  ours      the re-run as the pipeline makes it (series read whole, storage/dicomweb.py)
+  baseline  the first import, for time; for requests, the re-run reading each present instance
+            alone, as re-runs did before (the same pipeline with series never read whole)
+Requests are counted through a FaultProxy in an untimed pass; the timed rounds keep each side's
+best. Targets: at most 0.1 requests per instance, and a re-run no slower than the first import.
 """
 
 from __future__ import annotations
