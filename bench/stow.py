@@ -1,6 +1,6 @@
 """Benchmark: our batched STOW-RS import into Orthanc versus one instance per request, as Beam's dicomio.
 
-    python bench/stow.py [--instances 1000] [--rounds 3]
+    python bench/stow.py [--instances 1000] [--rounds 3] [--part import|rerun|all] [--series_size 50]
 
 Makes the instances once with fresh UIDs from the corpus (bench/import_parse.py's make_instances):
 5% multi-MB (2.1-7.2 MB: multi-frame MR, large radiographs, a colour volume) and 95% the corpus's
@@ -25,6 +25,14 @@ reconnects upstream per request, which would slow the timed runs); that pass als
 the page cache. Ends with one JSON line per metric on stdout (for fraction_of_ceiling, "baseline" is
 the ceiling); progress goes to stderr. Targets: instances/s at least 1.5x the baseline, at most 0.1x
 its requests, and at least 0.8 of the ceiling.
+
+The re-run part makes --instances small instances (the corpus's files under 2 MB), --series_size a
+series, imports them into an emptied Orthanc and imports them again (every one already_present):
+  ours      the re-run as the pipeline makes it (series read whole, storage/dicomweb.py)
+  baseline  the first import, for time; for requests, the re-run reading each present instance
+            alone, as re-runs did before (the same pipeline with series never read whole)
+Requests are counted through a FaultProxy in an untimed pass; the timed rounds keep each side's
+best. Targets: at most 0.1 requests per instance, and a re-run no slower than the first import.
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import apache_beam as beam
+import pydicom
 import requests
 from apache_beam.io.fileio import ReadableFile
 from apache_beam.io.filesystem import FileMetadata
@@ -54,13 +63,15 @@ from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+from pydicom.uid import generate_uid
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import report  # noqa: E402
-from bench.import_parse import make_instances  # noqa: E402
+from bench.import_parse import LARGE, make_instances, valid_sources  # noqa: E402
 from dicomlib.wildcard import parse_pattern  # noqa: E402
 from pipelines import import_dicom  # noqa: E402
+from storage import dicomweb  # noqa: E402
 from storage.store import Parsed  # noqa: E402
 from tests.fault_proxy import FaultProxy  # noqa: E402
 from tests.orthanc_server import Orthanc, running_orthanc  # noqa: E402
@@ -82,14 +93,14 @@ log = report.log
 # ours
 
 
-def run_ours(root: Path, dicomweb: str, expected: int) -> None:
-    """Our import pipeline, as the CLI runs it; fails unless every instance succeeded."""
+def run_ours(root: Path, dicomweb: str, expected: int, outcome: str = "success") -> None:
+    """Our import pipeline, as the CLI runs it; fails unless every instance ended as `outcome`."""
     with tempfile.TemporaryDirectory() as dead_letter, contextlib.redirect_stdout(io.StringIO()) as out:
         status = import_dicom.main(
             [f"--input={root}/**", f"--store={dicomweb}", f"--dead_letter={dead_letter}"]
         )
     summary = json.loads(out.getvalue().strip().splitlines()[-1])
-    if status != 0 or summary["success"] != expected:
+    if status != 0 or summary[outcome] != expected:
         raise RuntimeError(f"our import failed (exit {status}): {summary}")
 
 
@@ -215,48 +226,126 @@ def counted(orthanc: Orthanc, run: Callable[[str], None]) -> Counter[str]:
         return Counter(request.method for request in proxy.requests)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--instances", type=int, default=1000, help="at least 500 for a meaningful run")
-    parser.add_argument("--rounds", type=int, default=3, help="timed rounds; each side's best counts")
-    args = parser.parse_args()
-    large = max(1, round(args.instances * LARGE_FRACTION))
-    with tempfile.TemporaryDirectory() as scratch, running_orthanc() as orthanc:
-        os.environ["DICOMWEB_USERNAME"], os.environ["DICOMWEB_PASSWORD"] = orthanc.auth
-        root = Path(scratch) / "instances"
-        make_instances(root, args.instances - large, large)
-        files = sorted(root.rglob("*.dcm"))
-        n = len(files)
-        log(f"{n} instances ({large} multi-MB), {sum(f.stat().st_size for f in files) / 1e6:.0f} MB")
+def bench_import(orthanc: Orthanc, scratch: str, instances: int, rounds: int) -> None:
+    """Ours, the baseline and the ceiling importing the same instances (the module's docstring)."""
+    large = max(1, round(instances * LARGE_FRACTION))
+    root = Path(scratch) / "instances"
+    make_instances(root, instances - large, large)
+    files = sorted(root.rglob("*.dcm"))
+    n = len(files)
+    log(f"{n} instances ({large} multi-MB), {sum(f.stat().st_size for f in files) / 1e6:.0f} MB")
 
-        def ours(store: str) -> None:
-            run_ours(root, store, n)
+    def ours(store: str) -> None:
+        run_ours(root, store, n)
 
-        def baseline(store: str) -> None:
-            run_baseline(root, store, orthanc.auth, n)
+    def baseline(store: str) -> None:
+        run_baseline(root, store, orthanc.auth, n)
 
-        our_requests = counted(orthanc, ours)
-        base_requests = counted(orthanc, baseline)
-        log(f"requests: ours {dict(our_requests)}, baseline {dict(base_requests)}")
+    our_requests = counted(orthanc, ours)
+    base_requests = counted(orthanc, baseline)
+    log(f"requests: ours {dict(our_requests)}, baseline {dict(base_requests)}")
 
-        our_rate = base_rate = ceiling = 0.0
-        for turn in range(1, args.rounds + 1):  # sides alternate; the best of each, against other load
-            rate = timed(orthanc, n, lambda: ours(orthanc.dicomweb))
-            log(f"round {turn}, ours: {rate:.1f} instances/s ({n / rate:.2f} s)")
-            our_rate = max(our_rate, rate)
-            rate = timed(orthanc, n, lambda: baseline(orthanc.dicomweb))
-            log(f"round {turn}, baseline: {rate:.1f} instances/s ({n / rate:.2f} s)")
-            base_rate = max(base_rate, rate)
-            for threads in CEILING_THREADS:
-                rate = timed(orthanc, n, lambda threads=threads: run_ceiling(orthanc, files, threads))
-                log(f"round {turn}, ceiling, {threads} threads: {rate:.1f} instances/s ({n / rate:.2f} s)")
-                ceiling = max(ceiling, rate)
-        orthanc.clear()
+    our_rate = base_rate = ceiling = 0.0
+    for turn in range(1, rounds + 1):  # sides alternate; the best of each, against other load
+        rate = timed(orthanc, n, lambda: ours(orthanc.dicomweb))
+        log(f"round {turn}, ours: {rate:.1f} instances/s ({n / rate:.2f} s)")
+        our_rate = max(our_rate, rate)
+        rate = timed(orthanc, n, lambda: baseline(orthanc.dicomweb))
+        log(f"round {turn}, baseline: {rate:.1f} instances/s ({n / rate:.2f} s)")
+        base_rate = max(base_rate, rate)
+        for threads in CEILING_THREADS:
+            rate = timed(orthanc, n, lambda threads=threads: run_ceiling(orthanc, files, threads))
+            log(f"round {turn}, ceiling, {threads} threads: {rate:.1f} instances/s ({n / rate:.2f} s)")
+            ceiling = max(ceiling, rate)
+    orthanc.clear()
 
     emit("instances_per_s", our_rate, base_rate, 1.5, our_rate >= 1.5 * base_rate)
     ours_total, base_total = our_requests.total(), base_requests.total()
     emit("requests", ours_total, base_total, 0.1, ours_total <= 0.1 * base_total)
     emit("fraction_of_ceiling", our_rate, ceiling, 0.8, our_rate >= 0.8 * ceiling)
+
+
+# re-running
+
+
+def make_series(target: Path, count: int, per_series: int) -> None:
+    """`count` small instances (the corpus's files under 2 MB, fresh UIDs), `per_series` a series,
+    each series of one patient (Orthanc tells series apart by patient as well as by UID)."""
+    sources = [p for p in valid_sources() if p.stat().st_size <= LARGE]
+    target.mkdir(parents=True)
+    study = series = ""
+    for index in range(count):
+        if index % per_series == 0:
+            study, series = generate_uid(), generate_uid()
+        dataset = pydicom.dcmread(sources[index % len(sources)])
+        dataset.StudyInstanceUID, dataset.SeriesInstanceUID = study, series
+        dataset.PatientID, dataset.PatientName = f"P{index // per_series}", f"Patient^{index // per_series}"
+        dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        dataset.save_as(target / f"{index:05d}.dcm", enforce_file_format=True)
+
+
+@contextlib.contextmanager
+def instance_by_instance() -> Iterator[None]:
+    """The re-run as it was before series were read whole: every present instance read alone."""
+    saved = dicomweb.SERIES_READ_MIN
+    dicomweb.SERIES_READ_MIN = sys.maxsize
+    try:
+        yield
+    finally:
+        dicomweb.SERIES_READ_MIN = saved
+
+
+def rerun_requests(orthanc: Orthanc, root: Path, n: int) -> int:
+    """Requests of a re-run into a store that holds every instance already."""
+    orthanc.clear()
+    run_ours(root, orthanc.dicomweb, n)
+    with FaultProxy(orthanc.rest) as proxy:
+        run_ours(root, f"{proxy.url}/dicom-web", n, "already_present")
+        return len(proxy.requests)
+
+
+def bench_rerun(orthanc: Orthanc, scratch: str, instances: int, per_series: int, rounds: int) -> None:
+    """First import versus a re-run of the same instances (all already_present), in time and in
+    requests; the baseline re-run reads every present instance alone, as before."""
+    root = Path(scratch) / "series"
+    make_series(root, instances, per_series)
+    files = list(root.rglob("*.dcm"))
+    n, size = len(files), sum(f.stat().st_size for f in files)
+    log(f"re-run: {n} small instances, {per_series} a series, {size / 1e6:.0f} MB")
+    ours_requests = rerun_requests(orthanc, root, n)
+    with instance_by_instance():
+        old_requests = rerun_requests(orthanc, root, n)
+    log(f"re-run requests: ours {ours_requests}, instance by instance {old_requests}")
+    first = again = old = float("inf")
+    for turn in range(1, rounds + 1):
+        orthanc.clear()
+        seconds = [n / timed(orthanc, n, lambda: run_ours(root, orthanc.dicomweb, n))]
+        for read_alone in (False, True):
+            with instance_by_instance() if read_alone else contextlib.nullcontext():
+                start = time.perf_counter()
+                run_ours(root, orthanc.dicomweb, n, "already_present")
+                seconds.append(time.perf_counter() - start)
+        log(f"round {turn}: first import, re-run, re-run instance by instance: {seconds} s")
+        first, again, old = min(first, seconds[0]), min(again, seconds[1]), min(old, seconds[2])
+    orthanc.clear()
+    emit("rerun_requests_per_instance", ours_requests / n, old_requests / n, 0.1, ours_requests <= 0.1 * n)
+    emit("rerun_seconds_vs_first_import", again, first, 1.0, again <= first)
+    emit("rerun_seconds_vs_instance_by_instance", again, old, None, None)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--instances", type=int, default=1000, help="at least 500 for a meaningful run")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds; each side's best counts")
+    parser.add_argument("--series_size", type=int, default=50, help="instances a series, for the re-run")
+    parser.add_argument("--part", choices=("import", "rerun", "all"), default="all")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as scratch, running_orthanc() as orthanc:
+        os.environ["DICOMWEB_USERNAME"], os.environ["DICOMWEB_PASSWORD"] = orthanc.auth
+        if args.part in ("import", "all"):
+            bench_import(orthanc, scratch, args.instances, args.rounds)
+        if args.part in ("rerun", "all"):
+            bench_rerun(orthanc, scratch, args.instances, args.series_size, args.rounds)
 
 
 if __name__ == "__main__":

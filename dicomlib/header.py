@@ -43,6 +43,7 @@ MAX_HEADER_BYTES = 64 * 1024 * 1024  # what parsing may hold of one header (infl
 MAX_READS = 2_000_000
 DEFER_BYTES = 1_000_000  # larger values are skipped, not read: the table drops them as too_large anyway
 INFLATE_CHUNK = 1024 * 1024
+MAX_META_BYTES = 1024 * 1024  # a file meta group holds a few UIDs: more is no file meta group
 
 
 @dataclass(frozen=True)
@@ -223,6 +224,64 @@ def data_set_digest(stream: BinaryIO) -> str:
     while chunk := stream.read(INFLATE_CHUNK):
         digest.update(chunk)
     return digest.hexdigest()
+
+
+class DataSetDigester:
+    """data_set_digest of a Part 10 file fed in pieces as it arrives, holding only its head (up to
+    the end of the file meta group), which also names the instance (MediaStorageSOPInstanceUID)."""
+
+    def __init__(self) -> None:
+        self.head: bytearray | None = bytearray()
+        self.digest = hashlib.sha256()
+        self.sop: str | None = None
+
+    def update(self, data: bytes) -> None:
+        if self.head is None:
+            self.digest.update(data)
+            return
+        self.head += data
+        found = _file_meta(self.head)
+        if found is not None:
+            start, self.sop = found
+            self.digest.update(self.head[start:])
+            self.head = None
+        elif len(self.head) > MAX_META_BYTES:  # no file meta group is that large: no name
+            self.head = None
+
+    def result(self) -> tuple[str | None, str]:
+        """(MediaStorageSOPInstanceUID or None, the digest) once the whole file was fed."""
+        if self.head is not None:  # a file that ends within its first bytes or its meta group
+            stream = io.BytesIO(bytes(self.head))
+            return None, data_set_digest(stream)
+        return self.sop, self.digest.hexdigest()
+
+
+def _file_meta(head: bytes | bytearray) -> tuple[int, str | None] | None:
+    """Where the data set starts in a Part 10 file beginning with `head`, as data_set_start finds
+    it, and its MediaStorageSOPInstanceUID; None if that needs more bytes."""
+    if len(head) < 132:
+        return None
+    if head[128:132] != b"DICM":
+        return 0, None
+    position, sop = 132, None
+    while True:
+        if len(head) < position + 8:
+            return None
+        if head[position : position + 2] != b"\x02\x00":
+            return position, sop
+        if bytes(head[position + 4 : position + 6]) in LONG_LENGTH_VRS:
+            if len(head) < position + 12:
+                return None
+            start = position + 12
+            end = start + struct.unpack("<L", head[position + 8 : position + 12])[0]
+        else:
+            start = position + 8
+            end = start + struct.unpack("<H", head[position + 6 : position + 8])[0]
+        if head[position + 2 : position + 4] == b"\x03\x00":  # (0002,0003)
+            if len(head) < end:
+                return None
+            sop = bytes(head[start:end]).decode("latin-1").rstrip("\x00 ") or None
+        position = end
 
 
 def data_set_start(stream: BinaryIO) -> int:

@@ -16,6 +16,7 @@ import random
 import re
 import threading
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import requests
@@ -234,15 +235,24 @@ class DicomWebClient:
     def download(self, path: str, accept: str, into: str) -> None:
         """GET a single-part multipart answer into the file `into` as it arrives; FileNotFoundError
         for 404. An answer that breaks off is asked again."""
+
+        def save(chunks: Iterator[bytes], content_type: str) -> None:
+            with open(into, "wb") as out:
+                save_single_part(chunks, content_type, out)
+
+        self.receive(path, accept, save)
+
+    def receive(self, path: str, accept: str, consume: Callable[[Iterator[bytes], str], None]) -> None:
+        """GET an answer and hand its body, as it arrives, to `consume(chunks, content_type)`;
+        FileNotFoundError for 404. An answer that breaks off is asked again, and consumed again from
+        its start; a ValueError from `consume` (an answer it cannot read) is RequestFailed."""
         for attempt in range(1, BROKEN_BODY_ATTEMPTS + 1):
             response = self.request("GET", path, headers={"Accept": accept}, stream=True)
             try:
                 if response.status_code == 404:
                     raise FileNotFoundError(f"{self.root}{path}")
                 check(response, path)
-                with open(into, "wb") as out:
-                    content_type = response.headers.get("Content-Type", "")
-                    save_single_part(response.iter_content(CHUNK), content_type, out)
+                consume(response.iter_content(CHUNK), response.headers.get("Content-Type", ""))
                 return
             except ValueError as error:
                 raise RequestFailed(f"{self.root}{path}: {error}") from None

@@ -8,7 +8,8 @@ What the API documents and the plain DICOMweb store does not assume:
   studies by StudyDate ranges. What cannot be split further (over a million studies on one day, or
   instances in one series) stops the run with one line.
 - QIDO-RS matches single values (a comma-separated list is one literal value): what a batch already
-  holds is found by listing its series, not by UID list matching.
+  holds is found by listing its series, not by UID list matching; the listing also gives the
+  series' size, which decides whether it is read whole for comparing (storage/dicomweb.py).
 - The Storage-Class header on STOW-RS appears only in v1beta1 examples; v1 documents
   `getStorageInfo` and `setBlobStorageSettings` instead. The header is sent on both roots, the
   first instance stored is asked for its class, and where the header was not applied each newly
@@ -129,9 +130,13 @@ class HealthcareStore(DicomWebStore):
         wanted = {ref.sop for ref in refs}
         found: dict[str, InstanceRef] = {}
         for study, series in sorted({(ref.study, ref.series) for ref in refs}):
+            size = 0
             for held in self.instances(study, series):
+                size += 1
                 if held.sop in wanted:
                     found[held.sop] = held
+            seen = self._series_seen((study, series))  # its size, for comparing: no request
+            seen.size, seen.sized = size, True
         return found
 
     # Listing within the API's limits

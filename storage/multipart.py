@@ -14,7 +14,7 @@ import itertools
 import re
 import uuid
 from collections.abc import Iterator, Sequence
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from storage.objects import MatchedFile, open_ranged
 
@@ -114,39 +114,88 @@ class MultipartBody(io.RawIOBase):
             self.source = None
 
 
-def save_single_part(chunks: Iterator[bytes], content_type: str, out: BinaryIO) -> None:
-    """Write the one part of a multipart answer (or a plain body) to `out`, byte-exact, as it
-    arrives: the part's headers are skipped, and the CRLF and closing delimiter after it held back
-    until the answer ends. ValueError if the answer holds no part, or more than one."""
+class PartSink(Protocol):
+    """Where the parts of a multipart answer go, one after the other."""
+
+    def begin(self) -> None:
+        """A part starts; its bytes follow through `write`."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def end(self) -> None:
+        """The part is complete."""
+
+
+def split_parts(chunks: Iterator[bytes], content_type: str, sink: PartSink) -> int:
+    """Hand each part of a multipart answer (or a plain body, as one part) to `sink`, byte-exact,
+    as it arrives: the parts' headers are skipped, and what may be the start of a delimiter held
+    back until the next chunk tells. The number of parts; ValueError for an answer that is not
+    multipart as it says, or ends before its closing delimiter."""
     if not content_type.lower().startswith("multipart/"):
+        sink.begin()
         for chunk in chunks:
-            out.write(chunk)
-        return
+            sink.write(chunk)
+        sink.end()
+        return 1
     match = re.search(r'boundary="?([^";]+)"?', content_type)
     if not match:
         raise ValueError(f"multipart answer without a boundary: {content_type}")
     delimiter = b"\r\n--" + match.group(1).encode()
     pending = b"\r\n"  # the first delimiter has no CRLF before it
-    started = ended = False
+    parts, in_part, closed = 0, False, False
     for chunk in chunks:
+        if closed:
+            continue  # the epilogue
         pending += chunk
-        if not started:
-            head, separator, rest = pending.partition(b"\r\n\r\n")
+        while True:
+            if in_part:
+                end = pending.find(delimiter)
+                if end < 0:
+                    if len(pending) >= len(delimiter):  # what is held back may start the delimiter
+                        sink.write(pending[: 1 - len(delimiter)])
+                        pending = pending[1 - len(delimiter) :]
+                    break
+                sink.write(pending[:end])
+                sink.end()
+                pending, in_part = pending[end:], False
+            if len(pending) < len(delimiter) + 2:
+                break
+            if not pending.startswith(delimiter):
+                raise ValueError("a part of the answer does not start with its multipart boundary")
+            if pending[len(delimiter) : len(delimiter) + 2] == b"--":
+                closed = True
+                break
+            _, separator, rest = pending.partition(b"\r\n\r\n")
             if not separator:
-                continue
-            if not head.startswith(delimiter):
-                raise ValueError("the answer does not start with its multipart boundary")
-            started, pending = True, rest
-        if ended:
-            continue
-        end = pending.find(delimiter)
-        if end >= 0:
-            out.write(pending[:end])
-            pending, ended = pending[end:], True
-        elif len(pending) >= len(delimiter):  # what is held back may be the start of the delimiter
-            out.write(pending[: 1 - len(delimiter)])
-            pending = pending[1 - len(delimiter) :]
-    if not ended:
-        raise ValueError("the multipart answer ends before its part does")
-    if pending[len(delimiter) : len(delimiter) + 2] != b"--":
-        raise ValueError("the answer holds more than one part")
+                break
+            sink.begin()
+            parts, in_part, pending = parts + 1, True, rest
+    if not closed:
+        raise ValueError("the multipart answer ends before its closing delimiter")
+    return parts
+
+
+class _OnePart:
+    """A sink writing one part to a file; a second part is an error."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self.out = out
+        self.parts = 0
+
+    def begin(self) -> None:
+        self.parts += 1
+        if self.parts > 1:
+            raise ValueError("the answer holds more than one part")
+
+    def write(self, data: bytes) -> None:
+        self.out.write(data)
+
+    def end(self) -> None:
+        pass
+
+
+def save_single_part(chunks: Iterator[bytes], content_type: str, out: BinaryIO) -> None:
+    """Write the one part of a multipart answer (or a plain body) to `out`, byte-exact, as it
+    arrives. ValueError if the answer holds no part, or more than one."""
+    if split_parts(chunks, content_type, _OnePart(out)) == 0:
+        raise ValueError("the answer holds no part")

@@ -9,6 +9,7 @@ and to what other clients report of the service, not to our client's assumptions
   UID with other bytes fails with HTTP 409 and a FailedSOPSequence item whose FailureReason is 0x0110
   (272) with a private FailureDetail (0009,0097), as dcmjs-org/dcmjs#249 shows; a patient id we name
   is refused with 0xA900, as a server may refuse any instance. 202 when some instances failed.
+- WADO-RS: an instance, or all instances of a series, as multipart/related in their stored bytes.
 - Errors are Google's JSON error bodies (`{"error": {"code", "message", "status"}}`); a scripted 429
   carries Retry-After.
 - Storage class: `getStorageInfo` and `setBlobStorageSettings` (a long-running operation) on
@@ -238,7 +239,9 @@ def handler(api: HealthcareApi) -> type[BaseHTTPRequestHandler]:
             if self.command == "GET" and parts[-1] in ("studies", "series", "instances"):
                 return self._search(parts, url.query)
             if self.command == "GET" and len(parts) == 6 and parts[::2] == ["studies", "series", "instances"]:
-                return self._retrieve(self._instance(path))
+                return self._retrieve([self._instance(path)])
+            if self.command == "GET" and len(parts) == 4 and parts[::2] == ["studies", "series"]:
+                return self._retrieve(self._series(parts[1], parts[3]))
             if self.command == "GET" and len(parts) == 7 and parts[-1] == "metadata":
                 return self._metadata(self._instance(path[: -len("/metadata")]))
             if self.command == "DELETE" and parts[0] == "studies" and len(parts) in (2, 4, 6):
@@ -329,13 +332,19 @@ def handler(api: HealthcareApi) -> type[BaseHTTPRequestHandler]:
                 raise ApiError(404, f"{path} not found")
             return instance
 
-        def _retrieve(self, instance: Instance) -> None:
+        def _series(self, study: str, series: str) -> list[Instance]:
+            with api.lock:
+                held = [i for i in api.instances.values() if (i.study, i.series) == (study, series)]
+            if not held:
+                raise ApiError(404, f"/studies/{study}/series/{series} not found")
+            return sorted(held, key=_order)
+
+        def _retrieve(self, instances: list[Instance]) -> None:
+            """An instance, or a series' instances, one part each (RetrieveInstance, RetrieveSeries)."""
             boundary = uuid.uuid4().hex
-            body = (
-                f"--{boundary}\r\nContent-Type: application/dicom; transfer-syntax=*\r\n\r\n".encode()
-                + instance.data
-                + f"\r\n--{boundary}--\r\n".encode()
-            )
+            head = f"--{boundary}\r\nContent-Type: application/dicom; transfer-syntax=*\r\n\r\n".encode()
+            body = b"".join(head + instance.data + b"\r\n" for instance in instances)
+            body += f"--{boundary}--\r\n".encode()
             self._send(200, body, f'multipart/related; type="application/dicom"; boundary={boundary}')
 
         def _metadata(self, instance: Instance) -> None:
