@@ -58,4 +58,4 @@ lint: $(VENV)/.installed-test
 	$(BIN)/mypy
 
 test: system-packages lint $(AIRFLOW_VENV)/.installed $(FHIR_SERVER)/node_modules/.installed
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --maxprocesses=4

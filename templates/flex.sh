@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build the dicom-etl image and its five Dataflow flex templates, or run one of them.
+# Build the dicom-etl image and its six Dataflow flex templates, or run one of them.
 #
 #   templates/flex.sh build
 #   templates/flex.sh run import_dicom 'input=gs://landing/2026-11-23/**.dcm' 'store=gs://archive/store'
@@ -22,7 +22,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PIPELINES="import_dicom export_dicom export_metadata delete_dicom deidentify_dicom"
+PIPELINES="import_dicom export_dicom export_metadata delete_dicom deidentify_dicom import_images"
 # What goes into the image and the template specs.
 IMAGE_FILES="pyproject.toml setup.py README.md pipelines transforms storage dicomlib schemas templates/launch.py
   templates/Dockerfile templates/Dockerfile.dockerignore templates/*/metadata.json"

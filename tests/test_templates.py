@@ -31,7 +31,14 @@ import pytest
 from google.cloud import storage
 
 from dicomlib.convert import LOSSY_SYNTAXES, MIME_TYPES, TRANSFER_SYNTAXES
-from pipelines import deidentify_dicom, delete_dicom, export_dicom, export_metadata, import_dicom
+from pipelines import (
+    deidentify_dicom,
+    delete_dicom,
+    export_dicom,
+    export_metadata,
+    import_dicom,
+    import_images,
+)
 from pipelines.options.base import OptionError
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
@@ -41,6 +48,7 @@ PIPELINES: dict[str, ModuleType] = {
     "export_metadata": export_metadata,
     "delete_dicom": delete_dicom,
     "deidentify_dicom": deidentify_dicom,
+    "import_images": import_images,
 }
 DATAFLOW = [
     "--runner=DataflowRunner",
@@ -49,6 +57,7 @@ DATAFLOW = [
     "--temp_location=gs://dicom-etl-temp/tmp",
 ]
 FILTER_URI = "gs://filters/2026-11-23.txt"  # put in the GCS emulator by the `filter_in_gcs` fixture
+METADATA_URI = "gs://filters/patient.json"  # and this one too
 # Valid values of each pipeline's required options (delete_dicom: --target, as it needs it or a filter file).
 BASE = {
     "import_dicom": {
@@ -63,9 +72,15 @@ BASE = {
         "destination": "projects/p/locations/europe-west4/datasets/research/dicomStores/deid",
         "deid_key_secret": "projects/p/secrets/deid-key/versions/1",
     },
+    "import_images": {
+        "input": "gs://landing/photos/**.jpg",
+        "store": "projects/p/locations/europe-west4/datasets/imaging/dicomStores/main",
+        "sop_class": "secondary_capture",
+    },
 }
-# Options that a template requires although the parser does not: they are needed only on Dataflow.
-REQUIRED_ON_DATAFLOW = {"deid_key_secret"}
+# Options that a template requires although the parser does not: they are needed only on Dataflow
+# (the key), or tell the launcher which pipeline it runs (sop_class: templates/launch.py).
+REQUIRED_ON_DATAFLOW = {"deid_key_secret", "sop_class"}
 
 
 @dataclass
@@ -166,6 +181,10 @@ EXAMPLES = {
         valid=['{"dicom": {"filterProfile": "DEIDENTIFY_TAG_CONTENTS"}}', "{}", ' {"image": {}} '],
         invalid=["gs://", '{"dicom": [', "ftp://x/config.json"],
     ),
+    "sop_class": Examples(
+        valid=["secondary_capture", "vl_photographic", "VL_PHOTOGRAPHIC"], invalid=["", "ct", "sc"]
+    ),
+    "metadata": Examples(valid=[METADATA_URI], invalid=["gs://", "gs://filters", "ftp://x/metadata.json"]),
     "deid_key_secret": Examples(
         valid=["projects/p/secrets/deid-key/versions/1", "projects/p/secrets/k_2/versions/latest"],
         invalid=["", "projects/p/secrets/deid-key", "projects/p/secrets/k/versions/0", "deid-key"],
@@ -269,6 +288,7 @@ def filter_in_gcs(gcs: storage.Client) -> str:
     if not bucket.exists():
         gcs.create_bucket("filters")
     bucket.blob("2026-11-23.txt").upload_from_string("/studies/1.2.3\n/studies/4.5/series/6.7\n")
+    bucket.blob("patient.json").upload_from_string('{"PatientID": "123", "PatientName": "Doe^Jane"}')
     return FILTER_URI
 
 
@@ -322,7 +342,7 @@ def test_every_option_has_examples() -> None:
 @pytest.mark.parametrize(("name", "option", "value"), examples("valid"))
 def test_valid_values_pass_regex_and_parser(name: str, option: str, value: str, request) -> None:
     assert regex(name, option).fullmatch(value)
-    if option == "filter_file":
+    if option in ("filter_file", "metadata"):
         request.getfixturevalue("filter_in_gcs")
     PIPELINES[name].PIPELINE.parse(argv(name, **{option: value}))
 
@@ -330,7 +350,7 @@ def test_valid_values_pass_regex_and_parser(name: str, option: str, value: str, 
 @pytest.mark.parametrize(("name", "option", "value"), examples("invalid"))
 def test_invalid_values_fail_regex_and_parser(name: str, option: str, value: str, request) -> None:
     assert not regex(name, option).fullmatch(value)
-    if option == "filter_file":
+    if option in ("filter_file", "metadata"):
         request.getfixturevalue("filter_in_gcs")
     with pytest.raises((OptionError, SystemExit)):  # SystemExit: argparse's own refusal, also exit 2
         PIPELINES[name].PIPELINE.parse(argv(name, **{option: value}))
@@ -343,6 +363,12 @@ def test_local_paths_pass_only_the_parser(name: str, option: str, value: str) ->
 
 
 LAUNCHES = {
+    "import_images": {
+        "input": "gs://no-such-landing/photos/**.jpg",
+        "store": "projects/p/locations/europe-west4/datasets/imaging/dicomStores/main",
+        "sop_class": "vl_photographic",
+        "metadata_destination": "bq://my-project.imaging.instances",
+    },
     "import_dicom": {
         "input": "gs://no-such-landing/2026-11-23/**.dcm,gs://no-such-landing/extra/CT?.dcm",
         "store": "gs://no-such-archive/store",
@@ -418,19 +444,23 @@ def launcher() -> ModuleType:
 def test_launcher_runs_the_launched_templates_pipeline(capsys: pytest.CaptureFixture[str]) -> None:
     """Each template's parameters, all of them or its required ones, lead to its own pipeline."""
     launch = launcher()
-    for marker, name in launch.MARKERS.items():  # each marker is a required option of its pipeline
-        assert PIPELINES[name].PIPELINE.options[marker] is True
+    # each marker is a required option of its template, and of no other pipeline but the one that
+    # outranks it in launch.pipeline_for (--source over --destination, --sop_class over --input)
+    shared = {
+        "destination": ["export_metadata", "deidentify_dicom"],
+        "input": ["import_dicom", "import_images"],
+    }
+    for marker, name in launch.MARKERS.items():
+        assert PIPELINES[name].PIPELINE.options[marker] is True or marker in REQUIRED_ON_DATAFLOW
         takers = [other for other, module in PIPELINES.items() if marker in module.PIPELINE.options]
-        assert takers == [name] or (marker, takers) == (
-            "destination",
-            ["export_metadata", "deidentify_dicom"],
-        )
+        assert takers == shared.get(marker, [name])
     for name, module in PIPELINES.items():
         others = [option for option in module.PIPELINE.options if option not in BASE[name]]
         everything = argv(name) + [f"--{option}=x" for option in others]
         assert launch.pipeline_for(argv(name)) == launch.pipeline_for(everything) == name
     assert launch.pipeline_for(DATAFLOW + ["--filter_file=gs://f/x.txt", "--store=gs://s"]) == "delete_dicom"
     assert launch.pipeline_for(["--destination=gs://d", "--source=gs://s"]) == "deidentify_dicom"
+    assert launch.pipeline_for(["--input=gs://l/*.jpg", "--sop_class=vl_photographic"]) == "import_images"
     with pytest.raises(ValueError, match="export_dicom and import_dicom"):
         launch.pipeline_for(["--input=gs://a/*.dcm", "--output", "gs://b"])
     assert launch.main(["--input=gs://a/*.dcm", "--output=gs://b"]) == 2
