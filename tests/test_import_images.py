@@ -1,7 +1,7 @@
 """import_images: JPEG and PNG images with JSON metadata become Secondary Capture instances.
 
 Oracles: Pillow's own decode of each image (the stored pixels must equal it), pydicom, dcmtk's
-`dcmdump`, and dicom3tools' `dciodvfy` (the IOD checker) where it is installed. Real JPEGs are the
+`dcmdump`, and dicom3tools' `dciodvfy` (the IOD checker; `make test` installs it). Real JPEGs are the
 JPEG Baseline streams inside pydicom's test files (written by dcmtk, dcmjpeg and others); the other
 images are made here with Pillow.
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 import subprocess
 import warnings
 from pathlib import Path
@@ -89,7 +88,7 @@ def pillow_pixels(data: bytes, photometric: str) -> np.ndarray:
 
 def check_instance(data: bytes, image: bytes, tmp_path: Path, iod: str = "SCImage") -> pydicom.Dataset:
     """The instance's pixels equal Pillow's decode; its Type 1 and 2 attributes are there; dcmdump
-    reads it and dciodvfy (if installed) finds no error."""
+    reads it and dciodvfy finds no error."""
     ds = pydicom.dcmread(io.BytesIO(data))
     # SC Equipment's ConversionType; the VL Image module's ImageType
     extra = ("ConversionType",) if iod == "SCImage" else ("ImageType",)
@@ -113,9 +112,8 @@ def check_instance(data: bytes, image: bytes, tmp_path: Path, iod: str = "SCImag
     path.write_bytes(data)
     dump = subprocess.run(["dcmdump", str(path)], capture_output=True, text=True, check=True).stdout
     assert ds.SOPInstanceUID in dump
-    if shutil.which("dciodvfy"):
-        report = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True).stderr
-        assert iod in report and "Error" not in report, report
+    report = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True).stderr
+    assert iod in report and "Error" not in report, report
     return ds
 
 
