@@ -15,18 +15,17 @@ from typing import Any, NamedTuple
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
+from pydicom.dataset import Dataset
 
 from dicomlib import NAMESPACE
 from dicomlib.failures import ItemFailed, item_failure
-from dicomlib.flatten import flatten
 from dicomlib.images import MetadataError, build_instance, is_sidecar, merged, parse_metadata, sidecar_of
 from dicomlib.uids import InstanceRef
-from schemas.rows import Flat, with_event
 from storage.objects import MatchedFile, read_bytes
 from storage.staging import spool_file
 from storage.store import Parsed, Written
 from transforms.dead_letter import failure
-from transforms.metadata_rows import RowsOfImported, now
+from transforms.metadata_rows import RowsOfImported
 from transforms.store_instances import WriteInstances, _results
 
 MAX_IMAGE_BYTES = 256 * 1024 * 1024  # an image is read whole, to hash and decode it
@@ -161,16 +160,5 @@ class RowsOfStoredImages(RowsOfImported):
     """A record of a stored image -> its instance's CREATE row, read from the store (the image is
     not the instance, and the instance's spool is gone), as export_metadata reads it."""
 
-    def process(self, stored: dict[str, Any]) -> Iterator[Flat | beam.pvalue.TaggedOutput]:
-        ref = InstanceRef(stored["study_uid"], stored["series_uid"], stored["sop_uid"])
-        try:
-            flat = flatten(self.store.dataset(ref), self.exclude_vrs)
-            blob = self.store.blob_info(ref)
-        except BaseException as error:  # item_failure re-raises interrupts
-            failed = item_failure(error, "read_error")
-            yield self.dead_letter(
-                stored["uri"], "metadata", failed.reason, failed.detail, "metadata_failures"
-            )
-            return
-        size = stored["size"] if blob.size is None else blob.size
-        yield with_event(flat, "CREATE", now(), blob.storage_class or self.storage_class, size)
+    def dataset(self, stored: dict[str, Any], ref: InstanceRef) -> Dataset:
+        return self.store.dataset(ref)

@@ -8,6 +8,7 @@ from typing import Any
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
+from pydicom.dataset import Dataset
 
 from dicomlib import NAMESPACE
 from dicomlib.failures import item_failure
@@ -88,8 +89,7 @@ class RowsOfImported(StoreDoFn):
     def process(self, stored: dict[str, Any]) -> Iterator[Flat | beam.pvalue.TaggedOutput]:
         ref = InstanceRef(stored["study_uid"], stored["series_uid"], stored["sop_uid"])
         try:
-            with open_ranged(MatchedFile(stored["uri"], stored["size"])) as stream:
-                flat = flatten(read_header(stream, stored["size"]).dataset, self.exclude_vrs)
+            flat = flatten(self.dataset(stored, ref), self.exclude_vrs)
             blob = self.store.blob_info(ref)
         except BaseException as error:  # the file changed since it was stored; interrupts re-raised
             failed = item_failure(error, "read_error")
@@ -99,3 +99,8 @@ class RowsOfImported(StoreDoFn):
             return
         size = stored["size"] if blob.size is None else blob.size
         yield with_event(flat, "CREATE", now(), blob.storage_class or self.storage_class, size)
+
+    def dataset(self, stored: dict[str, Any], ref: InstanceRef) -> Dataset:
+        """The stored instance's header: the imported file's, which is the instance byte for byte."""
+        with open_ranged(MatchedFile(stored["uri"], stored["size"])) as stream:
+            return read_header(stream, stored["size"]).dataset
