@@ -55,7 +55,7 @@ def test_a_run_prints_a_progress_line_every_interval_across_its_stages(
         Place(tmp_path), silent_store, mode, after=3.5, DICOM_ETL_PROGRESS_SECONDS="1"
     )
 
-    *progress, last = result.err
+    *progress, last = result.stderr.splitlines()
     assert last == "error: interrupted (Ctrl-C)"
     assert len(progress) >= 3
     elapsed = [int(re.match(r"import_dicom: 0:00:(\d\d) elapsed; ", line)[1]) for line in progress]
@@ -66,4 +66,4 @@ def test_a_run_prints_a_progress_line_every_interval_across_its_stages(
 def test_a_run_under_ten_seconds_prints_no_progress(tmp_path: Path) -> None:
     place = Place(tmp_path)
     result = place.run("script", "import_dicom", f"--input={SAMPLE}/**.dcm", "--store=store")
-    assert (result.status, result.err) == (0, [])
+    assert (result.status, result.stderr) == (0, "")
