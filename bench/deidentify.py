@@ -117,12 +117,12 @@ def timed(side: Callable[[Path], object], paths: list[Path]) -> float:
 
 
 def ocr_ms(frames: int) -> float:
-    from dicomlib.convert import _eight_bit
     from dicomlib.deidentify.pixels import frame_words
+    from dicomlib.render import eight_bit
     from tests.test_deidentify_pixels import burnt_in
 
     ds = burnt_in()
-    image = _eight_bit(ds.pixel_array, ds)
+    image = eight_bit(ds.pixel_array, ds)
     times = []
     for _ in range(frames):
         start = time.perf_counter()

@@ -1,9 +1,9 @@
 """Convert one stored instance for export, writing its output piece by piece.
 
 Three conversions, one per export file type: `transcode` (dicom with --transfer_syntax, lossless
-or lossy), `frames` (octet-stream) and `render` (jpeg, png). The instance is read once with
-`read_instance` (its pixels held as stored: compressed, or native); frames are then decoded,
-converted and handed on one at a time, so converting a file of size S holds about S plus one frame,
+or lossy: lossy.py), `frames` (octet-stream) and `render` (jpeg, png: render.py). The instance is
+read once with `read_instance` (its pixels held as stored: compressed, or native); frames are then
+decoded, converted and handed on one at a time, so converting a file of size S holds about S plus one frame,
 never the whole decoded volume (a lossy transcode also holds its compressed output).
 Whatever pydicom, a codec plugin or a native codec raises (a Rust codec's panic included) becomes
 ItemFailed("cannot_convert") naming the source transfer syntax, so one odd instance is a dead letter
@@ -23,42 +23,30 @@ from typing import Any, BinaryIO
 
 import numpy as np
 import pydicom
-from PIL import Image, ImageCms
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
-from pydicom.multival import MultiValue
 from pydicom.pixels import (
-    apply_color_lut,
-    apply_icc_profile,
-    apply_modality_lut,
-    apply_voi,
-    apply_windowing,
     as_pixel_options,
-    create_icc_transform,
     get_decoder,
     get_encoder,
     iter_pixels,
     pack_bits,
 )
 from pydicom.uid import (
-    JPEG2000,
     UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
     JPEGLSLossless,
-    JPEGLSNearLossless,
     RLELossless,
-    generate_uid,
 )
 
 from dicomlib.failures import ItemFailed, describe, item_failure
 from dicomlib.header import check_header, check_inflated_size
+from dicomlib.lossy import DEFAULT_QUALITY, LOSSY_SYNTAXES, encode_lossy, mark_lossy
 
 FILE_TYPES = {"dicom": "dcm", "octet-stream": "bin", "jpeg": "jpg", "png": "png"}
 # the MIME type of each file type, as the Healthcare API's export and DICOMweb name them
@@ -76,18 +64,6 @@ TRANSFER_SYNTAXES: dict[str, str] = {
     RLELossless: "rle-lossless",
     JPEGLSLossless: "jpeg-ls-lossless",
     JPEG2000Lossless: "jpeg-2000-lossless",
-}
-# lossy targets, with the method PS3.3 C.7.6.1.1.5 records in LossyImageCompressionMethod
-LOSSY_SYNTAXES: dict[str, str] = {JPEGBaseline8Bit: "jpeg-baseline", JPEG2000: "jpeg-2000"}
-LOSSY_METHODS = {JPEGBaseline8Bit: "ISO_10918_1", JPEG2000: "ISO_15444_1"}
-LOSSY_SOURCES = {JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLSNearLossless}  # never lossless
-DEFAULT_QUALITY = 90  # JPEG: the IJG quality scale; JPEG 2000: compression ratio 101 - quality
-JPEG_BASELINE_INPUT = ("MONOCHROME1", "MONOCHROME2", "RGB")
-MAX_DESCRIPTION = 1024  # DerivationDescription is an ST
-# png at zlib's fastest level: 6x faster than Pillow's default on corpus radiographs, ~15% larger
-IMAGE_FORMATS: dict[str, dict[str, Any]] = {
-    "jpeg": {"format": "JPEG", "quality": 90},
-    "png": {"format": "PNG", "compress_level": 1},
 }
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 PIXEL_DATA = 0x7FE00010
@@ -133,7 +109,7 @@ def transcode(ds: Dataset, transfer_syntax: str, out: BinaryIO, quality: int = D
     as RGB for compressed sources, Photometric Interpretation updated to match), and written native
     or encoded frame by frame. A lossless target keeps the SOP Instance UID: a lossy source's
     decoded pixels are stored losslessly, nothing further is lost. A lossy target makes a new
-    instance (see _mark_lossy), its frames encoded at `quality` and held, compressed, until the
+    instance (see lossy.mark_lossy), its frames encoded at `quality` and held, compressed, until the
     ratio written before them is known. The caller copies an instance already in
     `transfer_syntax` unchanged.
     """
@@ -164,93 +140,12 @@ def transcode(ds: Dataset, transfer_syntax: str, out: BinaryIO, quality: int = D
         ds.file_meta.TransferSyntaxUID = target
         if lossy:
             uncompressed = frame_count(ds) * first.nbytes
-            encoded = list(_encode_lossy(ds, target, arrays, quality))
-            _mark_lossy(ds, source, target, quality, uncompressed / max(sum(map(len, encoded)), 1))
+            encoded = list(encode_lossy(ds, target, arrays, quality))
+            mark_lossy(ds, source, target, quality, uncompressed / max(sum(map(len, encoded)), 1))
             _write_streamed(ds, target, out, _encapsulated(encoded))
             return str(ds.SOPInstanceUID)
         _write_streamed(ds, target, out, _pixel_value(ds, target, arrays, first))
         return None
-
-
-def _encode_lossy(ds: Dataset, target: UID, arrays: Iterator[np.ndarray], quality: int) -> Iterator[bytes]:
-    """Each frame encoded in the lossy `target`, the data set's pixel attributes updated to match.
-
-    JPEG Baseline (Pillow's libjpeg): 8-bit unsigned grey, or RGB stored as YBR_FULL_422 (chroma
-    halved horizontally, as PS3.5 8.2.1 expects of it). JPEG 2000 (pydicom's OpenJPEG encoder):
-    any depth up to 38 bits, compression ratio 101 - quality, colour through the irreversible
-    component transform (YBR_ICT).
-    """
-    photometric = ds.PhotometricInterpretation
-    if photometric == "PALETTE COLOR":
-        raise ValueError("palette colour indices cannot be lossy compressed")
-    if target == JPEGBaseline8Bit:
-        if ds.BitsAllocated != 8 or ds.PixelRepresentation != 0 or photometric not in JPEG_BASELINE_INPUT:
-            signed = "signed" if ds.PixelRepresentation else "unsigned"
-            raise ValueError(
-                f"JPEG Baseline encodes 8-bit unsigned grey or RGB pixels, not {ds.BitsAllocated}-bit "
-                f"{signed} {photometric}"
-            )
-        ds.BitsStored, ds.HighBit = 8, 7  # the decoded values may use every bit
-        if photometric == "RGB":
-            ds.PhotometricInterpretation = "YBR_FULL_422"
-        for arr in arrays:
-            out = io.BytesIO()
-            Image.fromarray(arr).save(out, format="JPEG", quality=quality, subsampling="4:2:2")
-            yield out.getvalue()
-        return
-    options = as_pixel_options(ds, number_of_frames=1)
-    if photometric == "RGB":  # pydicom's encoder applies the transform only when told the result's
-        options["photometric_interpretation"] = ds.PhotometricInterpretation = "YBR_ICT"
-    encoder = get_encoder(target)
-    for arr in arrays:
-        yield encoder.encode(arr, validate=True, j2k_cr=[101 - quality], **options)
-
-
-def _mark_lossy(ds: Dataset, source: UID, target: UID, quality: int, ratio: float) -> None:
-    """The lossy compression recorded as PS3.3 asks: Lossy Image Compression "01" with its ratio
-    and method appended to any earlier ones (C.7.6.1.1.5), and a new instance (the image is no
-    longer the one the SOP Instance UID names): a new UID derived from the source's UID, the
-    syntax and the quality (the same export writes the same UID), Image Type DERIVED, the source
-    in Source Image Sequence, and the derivation described and coded (CID 7202, 7203)."""
-    was_lossy = ds.get("LossyImageCompression") == "01" or source in LOSSY_SOURCES
-    ds.LossyImageCompression = "01"
-    _append(ds, "LossyImageCompressionRatio", f"{ratio:.2f}")
-    _append(ds, "LossyImageCompressionMethod", LOSSY_METHODS[target])
-    previous = str(ds.SOPInstanceUID)
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(
-        entropy_srcs=[previous, target, str(quality)]
-    )
-    if ds.get("ImageType"):
-        ds.ImageType = ["DERIVED", *list(_values(ds, "ImageType"))[1:]]
-    reference = Dataset()
-    reference.ReferencedSOPClassUID = ds.SOPClassUID
-    reference.ReferencedSOPInstanceUID = previous
-    purpose = ("121330", "Lossy compressed") if was_lossy else ("121320", "Uncompressed")
-    reference.PurposeOfReferenceCodeSequence = [_code(purpose[0], f"{purpose[1]} predecessor")]
-    ds.SourceImageSequence = [*(ds.get("SourceImageSequence") or []), reference]
-    derivation = _code("113040", "Lossy Compression")
-    ds.DerivationCodeSequence = [*(ds.get("DerivationCodeSequence") or []), derivation]
-    text = f"Lossy compression: {target.name}, quality {quality}, ratio {ratio:.2f}:1"
-    earlier = str(ds.get("DerivationDescription") or "")
-    ds.DerivationDescription = (f"{earlier}; {text}" if earlier else text)[-MAX_DESCRIPTION:]
-
-
-def _code(value: str, meaning: str) -> Dataset:
-    item = Dataset()
-    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, "DCM", meaning
-    return item
-
-
-def _values(ds: Dataset, keyword: str) -> list[Any]:
-    """An attribute's values as a list, whatever its multiplicity: none when absent or empty."""
-    value = ds.get(keyword)
-    if value is None or value == "":
-        return []
-    return list(value) if isinstance(value, MultiValue) else [value]
-
-
-def _append(ds: Dataset, keyword: str, value: str) -> None:
-    setattr(ds, keyword, [*_values(ds, keyword), value])
 
 
 def frames(ds: Dataset) -> Iterator[bytes]:
@@ -271,31 +166,6 @@ def frames(ds: Dataset) -> Iterator[bytes]:
                 return
             data = pack_bits(arr) if single_bit else arr.astype(arr.dtype.newbyteorder("<")).tobytes()
         yield data
-
-
-def render(ds: Dataset, image_format: str) -> Iterator[bytes]:
-    """One 8-bit jpeg or png per frame, grey or RGB, as a viewer would first show it.
-
-    Grey: Modality LUT or rescale, then the first VOI LUT or window (else the frame's range) mapped
-    to 0-255, MONOCHROME1 inverted. Colour: RGB (YBR converted), palette through its LUT, scaled to
-    8 bits, then to sRGB through the ICC profile if there is one.
-    """
-    if image_format not in IMAGE_FORMATS:
-        raise ValueError(f"unsupported image format {image_format!r}")
-    action = f"render as {image_format} from {_pixel_syntax(ds).name}"
-    with _quiet(), _cannot(action):
-        arrays, transform = iter_pixels(ds), _icc_transform(ds)
-    for index in itertools.count():
-        with _quiet(), _cannot(action):
-            arr = next(arrays, None)
-            if arr is None:
-                return
-            pixels = _eight_bit(arr, _frame_view(ds, index))
-            if transform is not None and pixels.ndim == 3:
-                pixels = apply_icc_profile(pixels, transform=transform)
-            out = io.BytesIO()
-            Image.fromarray(pixels).save(out, **IMAGE_FORMATS[image_format])
-        yield out.getvalue()
 
 
 def _pixel_syntax(ds: Dataset) -> UID:
@@ -464,61 +334,3 @@ def _frame_view(ds: Dataset, index: int) -> Dataset:
     for item in items:
         view.update(item)
     return view
-
-
-def _icc_transform(ds: Dataset) -> ImageCms.ImageCmsTransform | None:
-    """The ICC profile's transform to sRGB: the data set's, or a slide's first optical path's.
-
-    A profile Pillow cannot read is ignored, as most viewers do: the colours are still meaningful.
-    """
-    paths = [item for item in ds.get("OpticalPathSequence") or [] if "ICCProfile" in item]
-    profile = ds.get("ICCProfile") or (paths[0].ICCProfile if paths else None)
-    if not profile:
-        return None
-    try:
-        return create_icc_transform(icc_profile=profile)
-    except (OSError, ValueError, ImageCms.PyCMSError):
-        return None
-
-
-def _eight_bit(arr: np.ndarray, ds: Dataset) -> np.ndarray:
-    """One decoded frame as uint8 grey (rows, columns) or RGB (rows, columns, 3)."""
-    photometric = ds.get("PhotometricInterpretation", "MONOCHROME2")
-    if photometric == "PALETTE COLOR":
-        arr = apply_color_lut(arr, ds)
-        return _scale(arr, 0, np.iinfo(arr.dtype).max)
-    if arr.ndim == 3:
-        if arr.shape[2] != 3:
-            raise ValueError(f"{arr.shape[2]} samples per pixel ({photometric}) cannot be shown")
-        return _scale(arr, 0, 2 ** min(ds.get("BitsStored") or 8, arr.dtype.itemsize * 8) - 1)
-    values, (low, high) = _voi(apply_modality_lut(arr, ds), ds)
-    grey = _scale(values, low, high)
-    return 255 - grey if photometric == "MONOCHROME1" else grey
-
-
-def _voi(values: np.ndarray, ds: Dataset) -> tuple[np.ndarray, tuple[float, float]]:
-    """The first VOI LUT or window applied, and its output range; else the values' own range.
-
-    pydicom's VOI output is in the LUT's or the stored values' range, not yet for display: the range
-    is that of the LUT's entries, or the window's output for two values far outside any window.
-    """
-    if (sequence := ds.get("VOILUTSequence")) and "LUTData" in sequence[0]:
-        count, first = sequence[0].LUTDescriptor[0] or 2**16, sequence[0].LUTDescriptor[1]
-        lut = apply_voi(np.arange(first, first + count), ds)
-        return apply_voi(values, ds), (float(lut.min()), float(lut.max()))
-    if "WindowCenter" in ds and "WindowWidth" in ds:
-        try:
-            low, high = apply_windowing(np.array([-1e300, 1e300]), ds)
-            return apply_windowing(values, ds), (float(low), float(high))
-        except (ValueError, TypeError, IndexError):  # a zero width or an odd value: show the range
-            pass
-    finite = values[np.isfinite(values)]
-    return values, ((float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0))
-
-
-def _scale(values: np.ndarray, low: float, high: float) -> np.ndarray:
-    """Map [low, high] linearly onto 0-255; a flat range is black."""
-    if high == low:
-        return np.zeros(values.shape, np.uint8)
-    scaled = (np.nan_to_num(values.astype(np.float64)) - low) * (255.0 / (high - low))
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)

@@ -8,7 +8,8 @@ import posixpath
 
 from pydicom.dataset import Dataset
 
-from dicomlib.convert import FILE_TYPES, KEEP_SYNTAX, frame_count, frames, read_instance, render, transcode
+from dicomlib.convert import FILE_TYPES, KEEP_SYNTAX, frame_count, frames, read_instance, transcode
+from dicomlib.render import render
 from storage.objects import IO_ERRORS, copy, delete_tree, failing_as_write_error, write_bytes
 from storage.staging import spool_file
 

@@ -25,17 +25,15 @@ from pydicom.multival import MultiValue
 from pydicom.pixels import pixel_array, unpack_bits
 
 from dicomlib.convert import (
-    DEFAULT_QUALITY,
-    LOSSY_METHODS,
-    LOSSY_SYNTAXES,
     TRANSFER_SYNTAXES,
     frames,
     read_instance,
-    render,
     transcode,
 )
 from dicomlib.failures import ItemFailed
 from dicomlib.header import check_header
+from dicomlib.lossy import DEFAULT_QUALITY, LOSSY_METHODS, LOSSY_SYNTAXES
+from dicomlib.render import render
 
 pytestmark = pytest.mark.filterwarnings("ignore")  # pydicom warns about many odd corpus files
 

@@ -24,10 +24,10 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from dicomlib.convert import _eight_bit
 from dicomlib.deidentify import deidentify, parse_config
 from dicomlib.deidentify.pixels import ImageFinding, frame_words
 from dicomlib.deidentify.provenance import instance_resource
+from dicomlib.render import eight_bit
 from tests.beam_support import filled_store
 from tests.command_line import Place
 
@@ -98,7 +98,7 @@ def read_text(ds: Dataset, frame: int = 0, rows: slice = slice(None)) -> str:
     arr = ds.pixel_array
     if int(ds.get("NumberOfFrames") or 1) > 1:
         arr = arr[frame]
-    return " ".join(word.text for word in frame_words(_eight_bit(arr[rows], ds)))
+    return " ".join(word.text for word in frame_words(eight_bit(arr[rows], ds)))
 
 
 def config(mode: str, profile: str = "KEEP_ALL_PROFILE") -> object:

@@ -30,7 +30,8 @@ import apache_beam as beam
 import pytest
 from google.cloud import storage
 
-from dicomlib.convert import LOSSY_SYNTAXES, MIME_TYPES, TRANSFER_SYNTAXES
+from dicomlib.convert import MIME_TYPES, TRANSFER_SYNTAXES
+from dicomlib.lossy import LOSSY_SYNTAXES
 from pipelines import (
     deidentify_dicom,
     delete_dicom,

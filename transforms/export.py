@@ -7,9 +7,10 @@ from collections.abc import Iterator
 
 import apache_beam as beam
 
-from dicomlib.convert import DEFAULT_QUALITY, KEEP_SYNTAX
+from dicomlib.convert import KEEP_SYNTAX
 from dicomlib.failures import item_failure
 from dicomlib.isolated import Isolated, time_allowed
+from dicomlib.lossy import DEFAULT_QUALITY
 from dicomlib.uids import InstanceRef
 from storage.export_files import convert_file
 from storage.objects import is_gcs, join

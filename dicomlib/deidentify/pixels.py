@@ -41,9 +41,10 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from dicomlib.convert import _eight_bit, _frame_view, _quiet, _source_syntax, transcode
+from dicomlib.convert import _frame_view, _quiet, _source_syntax, transcode
 from dicomlib.deidentify import text
 from dicomlib.failures import RunFailed
+from dicomlib.render import eight_bit
 
 REDACT_NO_TEXT, REDACT_ALL_TEXT, REDACT_SENSITIVE_TEXT, CLEAN_DESCRIPTORS = (
     "REDACT_NO_TEXT",
@@ -237,7 +238,7 @@ def redact_pixels(ds: Dataset, mode: str, terms: list[text.Term]) -> tuple[Datas
         digest = hashlib.sha256(frame.tobytes()).digest()
         if digest not in seen:
             with _quiet():
-                seen[digest] = frame_words(_eight_bit(frame, _frame_view(ds, index)))
+                seen[digest] = frame_words(eight_bit(frame, _frame_view(ds, index)))
         rows, columns = frame.shape[:2]
         found = boxes(seen[digest], mode, terms, index, columns, rows)
         fill = frame.min(axis=(0, 1)) if frame.ndim == 3 else frame.min()

@@ -9,17 +9,11 @@ from typing import ClassVar
 from apache_beam.options.pipeline_options import GoogleCloudOptions
 from pydicom.valuerep import STANDARD_VR
 
-from dicomlib.convert import (
-    DEFAULT_QUALITY,
-    FILE_TYPES,
-    KEEP_SYNTAX,
-    LOSSY_SYNTAXES,
-    MIME_TYPES,
-    TRANSFER_SYNTAXES,
-)
+from dicomlib.convert import FILE_TYPES, KEEP_SYNTAX, MIME_TYPES, TRANSFER_SYNTAXES
 from dicomlib.deidentify.config import ConfigError, parse_config
 from dicomlib.filters import FilterError, parse_line
 from dicomlib.images import SOP_CLASSES, MetadataError, parse_metadata
+from dicomlib.lossy import DEFAULT_QUALITY, LOSSY_SYNTAXES
 from dicomlib.wildcard import Pattern, PatternError, parse_pattern
 from pipelines.options.base import EtlOptions, Group, Option, OptionError, is_local
 from pipelines.options.locations import check_directory, check_local_or_gcs, check_not_url_like, check_store
