@@ -277,3 +277,26 @@ def test_import_images(root: Path, tmp_path: Path) -> None:
     assert_same_run(single, multi)
     assert multi.files("store") == single.files("store")
     assert tables(multi, "rows") == tables(single, "rows")
+
+
+# --- a run that fails: the same line, whichever process the error came from ----------------------
+
+
+def test_a_failed_run_says_the_same_line(imported: Outcome, root: Path, tmp_path: Path) -> None:
+    """A worker process's error reaches the launcher as the text of its traceback; the line on
+    stderr and the summary's "error" are still the cause alone, as from a run in one process. Here
+    the table to write (WRITE_EMPTY, the default) has rows."""
+    table = root / "full"
+    shutil.copytree(imported.root / "rows", table)
+
+    def arguments(at: Path) -> list[str]:
+        return [f"--store={imported.root / 'store'}", f"--destination={table}"]
+
+    single = run(export_metadata.main, root / "failed", arguments)
+    multi = multi_process(export_metadata.main, tmp_path, arguments)
+    assert (single.run.status, multi.run.status) == (1, 1)
+    assert (
+        single.run.summary["error"]
+        == f"the pipeline failed: {table} is not empty (--write_disposition=WRITE_EMPTY)"
+    )
+    assert multi.run.summary["error"] == single.run.summary["error"]
