@@ -9,7 +9,7 @@ from typing import Any
 from pydicom.datadict import DicomDictionary, RepeatersDictionary, dictionary_VR, get_entry, tag_for_keyword
 from pydicom.valuerep import BYTES_VR
 
-from schemas.bigquery import NULLABLE, RECORD, REPEATED, field
+from schemas.bigquery import EVENT_COLUMNS, NULLABLE, RECORD, REPEATED, field
 
 EXCLUDED_VRS = frozenset(map(str, BYTES_VR))  # OB OD OF OL OV OW UN: binary, never in a row
 OTHER_ELEMENTS = "OtherElements"
@@ -124,7 +124,7 @@ _REPEATER_TAGS = {entry[4]: int(mask.replace("x", "0"), 16) for mask, entry in R
 
 def in_tag_order(fields: list[dict]) -> list[dict]:
     """Columns (the top level's, or a sequence's items') in the order the flattener gives one
-    instance's: columns that are no attribute (event columns) first, then by tag, OtherElements last;
+    instance's row: the event columns first, as EVENT_COLUMNS has them, then by tag, OtherElements last;
     each sequence's fields likewise. A run merges its rows' columns in the order its workers met
     them, which varies with how the run is split (worker processes, Dataflow): in this order the
     table's schema, and which columns --max_columns keeps, do not."""
@@ -144,10 +144,13 @@ def _tag_of(name: str) -> int | None:
 
 
 def _column_key(f: dict) -> tuple[int, int, str]:
-    if f["name"] == OTHER_ELEMENTS:
+    name = f["name"]
+    if name in EVENT_COLUMNS:
+        return (0, EVENT_COLUMNS.index(name), "")
+    if name == OTHER_ELEMENTS:
         return (2, 0, "")
-    tag = _tag_of(f["name"])
-    return (1, -1 if tag is None else tag, f["name"])
+    tag = _tag_of(name)
+    return (1, -1 if tag is None else tag, name)
 
 
 def _is_sequence(name: str) -> bool:
