@@ -141,7 +141,13 @@ def _runner() -> beam.runners.PipelineRunner:
 
 def _last_line(error: BaseException) -> str:
     """Beam wraps a worker's error in its traceback; the cause is the last line, less Beam's
-    "[while running 'Step']" suffix."""
-    lines = [line for line in str(error).splitlines() if line.strip()]
+    "[while running 'Step']" suffix. From a worker process (`--direct_running_mode=multi_processing`)
+    the error arrives as the text of its traceback, whose last line starts with the exception's
+    name (`storage.store.StoreUnavailable: ...`): that goes too, so the line is the one a run in
+    one process gives."""
+    text = str(error)
+    lines = [line for line in text.splitlines() if line.strip()]
     last = lines[-1].strip() if lines else type(error).__name__
+    if text.startswith("Traceback (most recent call last):"):
+        last = re.sub(r"^[A-Za-z_][\w.]*: ", "", last)
     return re.sub(r"\s*\[while running '[^']*'\]$", "", last)

@@ -35,7 +35,7 @@ import pyarrow as pa
 import pydicom
 import pytest
 from pydicom.data import get_charset_files, get_testdata_file
-from pydicom.datadict import DicomDictionary, get_entry
+from pydicom.datadict import DicomDictionary, get_entry, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
@@ -43,10 +43,10 @@ from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 
 from dicomlib.flatten import flatten
-from dicomlib.flatten.columns import OTHER_ELEMENTS_FIELD
+from dicomlib.flatten.columns import OTHER_ELEMENTS_FIELD, in_tag_order
 from dicomlib.flatten.elements import MAX_VALUE_BYTES
 from dicomlib.flatten.walk import MAX_SEQUENCE_DEPTH
-from schemas.bigquery import DROPPED_TAGS_FIELD, column_count, to_arrow
+from schemas.bigquery import DROPPED_TAGS_FIELD, EVENT_FIELDS, column_count, merge, to_arrow
 from schemas.rows import Flat, restrict
 from tests.schema_rules import nesting_depth
 
@@ -969,3 +969,31 @@ def test_corrupted_files_never_raise_and_load_into_arrow() -> None:
         flattened += 1
         invalid += any(d["Reason"] == "invalid_value" for d in flat.row.get("DroppedTags", []))
     assert flattened > 250 and invalid > 20
+
+
+# --- a run's columns --------------------------------------------------------------------------
+
+
+def test_a_runs_columns_are_in_tag_order_whatever_order_its_rows_came_in() -> None:
+    """Workers meet rows in any order: merged in any order, the columns (and each sequence's) come
+    out the same; one instance's top-level columns as its row has them (schemas.rows.with_event). A
+    sequence's fields are in tag order, where one instance has them in the order its items give them."""
+    names = ("CT_small.dcm", "rtplan.dcm", "MR_small.dcm", "SC_rgb_jpeg_dcmtk.dcm", "image_dfl.dcm")
+    schemas = [
+        merge(EVENT_FIELDS, flatten(pydicom.dcmread(get_testdata_file(name))).schema) for name in names
+    ]
+    for schema in schemas:
+        assert [f["name"] for f in in_tag_order(schema)] == [f["name"] for f in schema]
+    orders = [schemas, schemas[::-1], random.Random(5).sample(schemas, len(schemas))]
+    runs = []
+    for order in orders:
+        merged: list[dict] = []
+        for schema in order:
+            merged = merge(merged, schema)
+        runs.append(in_tag_order(merged))
+    assert runs[0] == runs[1] == runs[2]
+    rtplan = next(f for f in runs[0] if f["name"] == "BeamSequence")
+    assert [f["name"] for f in rtplan["fields"]] == sorted(
+        (f["name"] for f in rtplan["fields"]),
+        key=lambda name: (name == "OtherElements", tag_for_keyword(name) or 0),
+    )

@@ -21,6 +21,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from dicomlib import NAMESPACE
+from dicomlib.flatten.columns import in_tag_order
 from schemas.bigquery import SchemaConflict, merge
 from schemas.rows import Flat, restrict
 from storage.bigquery_table import finish_table, json_row, prepare_table
@@ -81,7 +82,8 @@ class WriteMetadata(beam.PTransform):
 
 
 class MergeSchemas(beam.CombineFn):
-    """Every row's schema merged into this run's columns (widening only)."""
+    """Every row's schema merged into this run's columns (widening only), in tag order: the order
+    of merging depends on how the run was split."""
 
     def create_accumulator(self) -> list[dict]:
         return []
@@ -96,7 +98,7 @@ class MergeSchemas(beam.CombineFn):
         return merged
 
     def extract_output(self, accumulator: list[dict]) -> list[dict]:
-        return accumulator
+        return in_tag_order(accumulator)
 
 
 def _merge(existing: list[dict], new: list[dict]) -> list[dict]:

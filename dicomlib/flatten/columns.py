@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
-from pydicom.datadict import DicomDictionary, RepeatersDictionary, get_entry
+from pydicom.datadict import DicomDictionary, RepeatersDictionary, dictionary_VR, get_entry, tag_for_keyword
 from pydicom.valuerep import BYTES_VR
 
-from schemas.bigquery import NULLABLE, RECORD, REPEATED, field
+from schemas.bigquery import EVENT_COLUMNS, NULLABLE, RECORD, REPEATED, field
 
 EXCLUDED_VRS = frozenset(map(str, BYTES_VR))  # OB OD OF OL OV OW UN: binary, never in a row
 OTHER_ELEMENTS = "OtherElements"
@@ -116,3 +117,45 @@ def repeating_group_field(tag: int | None, info: Tag, value_field: dict) -> dict
         if key is not None:
             RG_FIELDS[key] = cached
     return cached
+
+
+_REPEATER_TAGS = {entry[4]: int(mask.replace("x", "0"), 16) for mask, entry in RepeatersDictionary.items()}
+
+
+def in_tag_order(fields: list[dict]) -> list[dict]:
+    """Columns (the top level's, or a sequence's items') in the order the flattener gives one
+    instance's row: the event columns first, as EVENT_COLUMNS has them, then by tag, OtherElements last;
+    each sequence's fields likewise. A run merges its rows' columns in the order its workers met
+    them, which varies with how the run is split (worker processes, Dataflow): in this order the
+    table's schema, and which columns --max_columns keeps, do not."""
+    ordered = []
+    for f in sorted(fields, key=_column_key):
+        if f.get("fields") and _is_sequence(f["name"]):
+            f = {**f, "fields": in_tag_order(f["fields"])}
+        ordered.append(f)
+    return ordered
+
+
+def _tag_of(name: str) -> int | None:
+    if re.fullmatch(r"Tag_[0-9A-F]{8}", name):
+        return int(name[4:], 16)
+    tag = tag_for_keyword(name)
+    return _REPEATER_TAGS.get(name) if tag is None else tag
+
+
+def _column_key(f: dict) -> tuple[int, int, str]:
+    name = f["name"]
+    if name in EVENT_COLUMNS:
+        return (0, EVENT_COLUMNS.index(name), "")
+    if name == OTHER_ELEMENTS:
+        return (2, 0, "")
+    tag = _tag_of(name)
+    return (1, -1 if tag is None else tag, name)
+
+
+def _is_sequence(name: str) -> bool:
+    """A column of sequence items: a private sequence (Tag_GGGGEEEE) or a public SQ attribute."""
+    if name.startswith("Tag_"):
+        return True
+    tag = tag_for_keyword(name)
+    return tag is not None and dictionary_VR(tag) == "SQ"
