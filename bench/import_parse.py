@@ -128,18 +128,23 @@ def compare(where: str, kind: str, files: list[MatchedFile], baseline: Callable[
     )
 
 
-def listing(client) -> None:
-    """Objects listed to resolve narrow patterns in a 10,000-object bucket: ours versus Beam."""
+def seed_listing_bucket(seed: Path, studies: int) -> None:
+    """`studies` x 4 series x 25 one-byte objects in bucket listing-bench, as files the emulator
+    loads when it starts (`running_emulator(seed=...)`)."""
+    for study in range(studies):
+        for series in range(4):
+            folder = seed / "listing-bench" / "studies" / f"s{study:04d}" / f"series_{series}"
+            folder.mkdir(parents=True)
+            for instance in range(25):
+                (folder / f"i{instance:04d}.dcm").write_bytes(b"x")
+
+
+def listing(emit: Callable[..., None], suffix: str = "") -> None:
+    """Objects listed to resolve narrow patterns in the seeded bucket: ours versus Beam's
+    FileSystems.match (run inside `running_emulator(seed=...)`)."""
     from apache_beam.io.filesystems import FileSystems
     from apache_beam.io.gcp import gcsio
 
-    bucket = client.create_bucket("listing-bench")
-    for study in range(100):
-        for series in range(4):
-            for instance in range(25):
-                bucket.blob(f"studies/s{study:04d}/series_{series}/i{instance:04d}.dcm").upload_from_string(
-                    b"x"
-                )
     beam_listed = 0
     original = gcsio.GcsIO.list_files
 
@@ -160,10 +165,10 @@ def listing(client) -> None:
         beam_listed = 0
         [result] = FileSystems.match([pattern])
         assert len(result.metadata_list) == matching, (label, len(result.metadata_list), matching)
-        emit(f"listed_objects_{label}", lister.listed, beam_listed, 1.0, lister.listed <= beam_listed)
+        emit(f"listed_objects_{label}{suffix}", lister.listed, beam_listed, 1.0, lister.listed <= beam_listed)
         # the issue's target is on `ours`: at most 2 objects listed per matching one
         per_match = lister.listed / matching
-        emit(f"listed_per_matching_{label}", per_match, beam_listed / matching, 2.0, per_match <= 2.0)
+        emit(f"listed_per_matching_{label}{suffix}", per_match, beam_listed / matching, 2.0, per_match <= 2.0)
     gcsio.GcsIO.list_files = original
 
 
@@ -172,19 +177,21 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=440)
     parser.add_argument("--large", type=int, default=60)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as scratch, running_emulator() as client:
-        root = Path(scratch)
-        make_instances(root, args.small, args.large)
-        upload_tree(client, root, "parse-bench")
-        sizes = {p.relative_to(root).as_posix(): p.stat().st_size for p in root.rglob("*.dcm")}
-        print(f"# {len(sizes)} instances, {sum(sizes.values()) / 1e6:.0f} MB", file=sys.stderr)
-        for kind, folder in (("multi_mb", "large"), ("small", "small")):
-            chosen = sorted(name for name in sizes if name.startswith(folder + "/"))
-            local = [MatchedFile(str(root / n), sizes[n]) for n in chosen]
-            remote = [MatchedFile(f"gs://parse-bench/{n}", sizes[n]) for n in chosen]
-            compare("local", kind, local, baseline_local)
-            compare("gcs", kind, remote, baseline_gcs)
-        listing(client)
+    with tempfile.TemporaryDirectory() as scratch:
+        root, seed = Path(scratch) / "instances", Path(scratch) / "seed"
+        seed_listing_bucket(seed, studies=100)
+        with running_emulator(seed=seed) as client:
+            make_instances(root, args.small, args.large)
+            upload_tree(client, root, "parse-bench")
+            sizes = {p.relative_to(root).as_posix(): p.stat().st_size for p in root.rglob("*.dcm")}
+            print(f"# {len(sizes)} instances, {sum(sizes.values()) / 1e6:.0f} MB", file=sys.stderr)
+            for kind, folder in (("multi_mb", "large"), ("small", "small")):
+                chosen = sorted(name for name in sizes if name.startswith(folder + "/"))
+                local = [MatchedFile(str(root / n), sizes[n]) for n in chosen]
+                remote = [MatchedFile(f"gs://parse-bench/{n}", sizes[n]) for n in chosen]
+                compare("local", kind, local, baseline_local)
+                compare("gcs", kind, remote, baseline_gcs)
+            listing(emit)
 
 
 if __name__ == "__main__":

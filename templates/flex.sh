@@ -3,6 +3,7 @@
 #
 #   templates/flex.sh build
 #   templates/flex.sh run import_dicom 'input=gs://landing/2026-11-23/**.dcm' 'store=gs://archive/store'
+#   templates/flex.sh run import_dicom --max-workers=8 --worker-machine-type=n1-standard-4 'input=...' ...
 #
 # Settings, from the environment:
 #   PROJECT, REGION   the Google Cloud project and the Dataflow region
@@ -19,6 +20,9 @@
 # (Dataflow's workers), and builds and pushes nothing when the registry has that tag already. It ends
 # with the image's name: give it to the Airflow DAG (`dicom_etl_image`) as the workers' image.
 # `run` submits the job and returns: gcloud prints the job's id and state, nothing waits for the job.
+# Its name=value arguments are the template's parameters; those starting with -- are flags of
+# `gcloud dataflow flex-template run` (the job's workers: --max-workers, --num-workers,
+# --worker-machine-type, --additional-experiments, ...), passed on as they are.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -77,19 +81,22 @@ run() {
     image=$(gcloud storage cat "$spec" | python3 -c 'import json, sys; print(json.load(sys.stdin)["image"])')
   fi
   # gcloud splits --parameters at commas, which list values use (input=a,b): ^~^ makes ~ the delimiter.
-  local parameters="^~^sdk_container_image=$image"
-  for parameter in "$@"; do parameters+="~$parameter"; done
+  local parameters="^~^sdk_container_image=$image" flags=()
+  for parameter in "$@"; do
+    case $parameter in --*) flags+=("$parameter") ;; *) parameters+="~$parameter" ;; esac
+  done
   gcloud dataflow flex-template run "${JOB_NAME:-${pipeline//_/-}-$(date -u +%Y%m%d-%H%M%S)}" \
     --project="$PROJECT" \
     --region="$REGION" \
     --template-file-gcs-location="$spec" \
     --staging-location="$BUCKET/staging" \
     --temp-location="$BUCKET/tmp" \
+    "${flags[@]}" \
     --parameters="$parameters"
 }
 
 case "${1:-}" in
   build) build ;;
   run) shift; run "$@" ;;
-  *) echo "usage: templates/flex.sh build | run PIPELINE name=value ..." >&2; exit 2 ;;
+  *) echo "usage: templates/flex.sh build | run PIPELINE [--gcloud-flag=value ...] name=value ..." >&2; exit 2 ;;
 esac

@@ -682,3 +682,18 @@ def test_run_gives_the_workers_the_templates_own_image(checkout: Path) -> None:
         "--parameters=^~^sdk_container_image=europe-west4-docker.pkg.dev/p/dicom-etl/dicom-etl:0123456789ab"
         "~input=gs://landing/a/**.dcm,gs://landing/b/*.dcm~store=gs://s"
     )
+
+
+def test_run_passes_flags_to_gcloud_and_the_rest_as_parameters(checkout: Path) -> None:
+    done, calls = flex(
+        checkout,
+        "run",
+        "import_dicom",
+        "--max-workers=8",
+        "input=gs://landing/**.dcm",
+        "--worker-machine-type=n1-standard-4",
+        "store=gs://s",
+    )
+    assert done.returncode == 0, done.stderr
+    assert " --max-workers=8 --worker-machine-type=n1-standard-4 --parameters=" in calls[1]
+    assert calls[1].endswith("~input=gs://landing/**.dcm~store=gs://s")
