@@ -24,7 +24,7 @@ from pydicom.dataset import Dataset
 from dicomlib.failures import ItemFailed, describe
 from dicomlib.header import read_header
 from dicomlib.uids import InstanceRef
-from storage.listing import lister_for
+from storage.listing import NOT_A_FILE, lister_for
 from storage.objects import (
     IO_ERRORS,
     MatchedFile,
@@ -130,7 +130,7 @@ class FileLayoutStore(Store):
         for file in lister.descendants(prefix):
             self.listed += 1
             match = INSTANCE_PATH.search(file.uri)
-            if match:
+            if match and file.size != NOT_A_FILE:  # the store writes regular files only
                 yield InstanceRef(*match.groups())
 
     def copy_instance(self, ref: InstanceRef, destination: str, root: str) -> int:

@@ -10,6 +10,10 @@ from collections.abc import Iterator
 from dicomlib.wildcard import Pattern, has_wildcard, literal_prefix, segment_regex
 from storage.objects import MatchedFile, gcs_client, is_gcs, split_gcs
 
+# The size of a local entry that matched but is no regular file (a broken symbolic link, a FIFO, a
+# socket, a device): never opened (a FIFO would block), it is the pattern's dead letter, not skipped.
+NOT_A_FILE = -1
+
 
 class Lister:
     """Lists one directory level or one whole subtree under a name prefix, counting what it lists."""
@@ -32,8 +36,8 @@ class Lister:
             for path, entry in _scan(prefix):
                 if entry.is_dir():
                     dirs.append(path + "/")
-                elif entry.is_file():
-                    files.append(MatchedFile(path, entry.stat().st_size))
+                else:
+                    files.append(_local(path))
         self.listed += len(files) + len(dirs)
         return files, dirs
 
@@ -49,18 +53,21 @@ class Lister:
                 if not blob.name.endswith("/"):
                     yield MatchedFile(blob.name, blob.size)
             return
+        # a directory reached through a symbolic link is walked too, once: a link back up the tree
+        # would walk for ever
+        seen = {os.path.realpath(prefix.rpartition("/")[0] or ".")}
         for path, entry in _scan(prefix):
             self.listed += 1
-            if entry.is_file():
-                yield MatchedFile(path, entry.stat().st_size)
-            elif entry.is_dir():
-                for top, dirs, names in os.walk(path, onerror=_raise):  # never skip what cannot be read
-                    dirs.sort()
-                    for name in sorted(names):
-                        self.listed += 1
-                        path = os.path.join(top, name)
-                        if os.path.isfile(path):
-                            yield MatchedFile(path, os.path.getsize(path))
+            if not entry.is_dir():
+                yield _local(path)
+                continue
+            if not _first_visit(path, seen):
+                continue
+            for top, dirs, names in os.walk(path, onerror=_raise, followlinks=True):  # nothing skipped
+                dirs[:] = sorted(d for d in dirs if _first_visit(os.path.join(top, d), seen))
+                for name in sorted(names):
+                    self.listed += 1
+                    yield _local(os.path.join(top, name))
 
     def file(self, name: str) -> MatchedFile | None:
         """The file with exactly this name, if there is one."""
@@ -68,7 +75,20 @@ class Lister:
             blob = gcs_client().bucket(self.bucket).get_blob(name)
             found = blob is not None and not name.endswith("/")
             return MatchedFile(name, blob.size) if found else None
-        return MatchedFile(name, os.path.getsize(name)) if os.path.isfile(name) else None
+        return _local(name) if os.path.lexists(name) and not os.path.isdir(name) else None
+
+
+def _local(path: str) -> MatchedFile:
+    """A local entry that is not a directory: its size, or NOT_A_FILE."""
+    return MatchedFile(path, os.path.getsize(path) if os.path.isfile(path) else NOT_A_FILE)
+
+
+def _first_visit(directory: str, seen: set[str]) -> bool:
+    real = os.path.realpath(directory)
+    if real in seen:
+        return False
+    seen.add(real)
+    return True
 
 
 def _raise(error: OSError) -> None:

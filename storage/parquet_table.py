@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from schemas.bigquery import to_arrow
 from storage.destination import UID_COLUMNS, UIDS
-from storage.listing import lister_for
+from storage.listing import NOT_A_FILE, lister_for
 from storage.objects import (
     MatchedFile,
     delete_tree,
@@ -41,7 +41,9 @@ WHERE row_rank = 1 AND (Type IS NULL OR Type <> 'DELETE')
 def parquet_files(directory: str) -> list[str]:
     lister, prefix = lister_for(directory.rstrip("/") + "/")
     files, _ = lister.children(prefix)
-    return [lister.uri(file.uri) for file in files if file.uri.endswith(".parquet")]
+    return [
+        lister.uri(file.uri) for file in files if file.uri.endswith(".parquet") and file.size != NOT_A_FILE
+    ]
 
 
 def finish_parquet(written: list[str], directory: str, write_disposition: str, schema: list[dict]) -> None:

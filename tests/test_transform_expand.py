@@ -83,6 +83,43 @@ def test_expand_patterns_dead_letters_a_pattern_that_matches_nothing(inbox: Path
     assert counters(result)["unmatched_patterns"] == 2
 
 
+@pytest.mark.parametrize("form", ["**.dcm", "*/*.dcm", "links/*.dcm", "links/gone.dcm"])
+def test_an_entry_that_is_no_regular_file_is_a_dead_letter_and_a_linked_directory_is_walked(
+    tmp_path: Path, form: str
+) -> None:
+    """What a pattern matches is never skipped unsaid: a broken symbolic link or a FIFO (never opened:
+    it would block) is a `not_a_file` dead letter, counted as matched and failed; a directory reached
+    through a symbolic link is walked by `**`, once, even when a link leads back up the tree."""
+    root = tmp_path / "in"
+    (root / "links").mkdir(parents=True)
+    (root / "elsewhere").mkdir()
+    shutil.copy(CT, tmp_path / "linked.dcm")
+    os.mkfifo(root / "links" / "pipe.dcm")
+    (root / "links" / "gone.dcm").symlink_to(tmp_path / "deleted.dcm")
+    (root / "links" / "there.dcm").symlink_to(tmp_path / "linked.dcm")
+    shutil.copy(MR, tmp_path / "outside.dcm")
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "MR.dcm").write_bytes(MR.read_bytes())
+    (root / "elsewhere" / "series").symlink_to(tmp_path / "outside", target_is_directory=True)
+    (root / "elsewhere" / "up").symlink_to(root, target_is_directory=True)  # a cycle
+    pipeline, outputs = expand(f"{root}/{form}")
+
+    files = {
+        "**.dcm": ["elsewhere/series/MR.dcm", "links/there.dcm"],
+        "*/*.dcm": ["links/there.dcm"],
+        "links/*.dcm": ["links/there.dcm"],
+        "links/gone.dcm": [],
+    }[form]
+    bad = {"links/gone.dcm": "a broken symbolic link", "links/pipe.dcm": "a FIFO, socket or device"}
+    if form == "links/gone.dcm":
+        bad.pop("links/pipe.dcm")
+    expected = [matched(root / name) for name in files]
+    letters_expected = [(f"{root}/{name}", "expand", "not_a_file") for name in bad]
+    expect_outputs(outputs.files, letters(outputs), expected, letters_expected)
+    found = counters(run(pipeline))
+    assert (found["matched"], found["failure"]) == (len(files) + len(bad), len(bad))
+
+
 def test_expand_patterns_stops_the_run_when_a_directory_cannot_be_listed(tmp_path: Path) -> None:
     """A listing error is no pattern's fault (a missing bucket, no permission): the run stops."""
     (tmp_path / "loop").symlink_to("loop")  # listing it fails: too many levels of symbolic links
