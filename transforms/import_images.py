@@ -26,7 +26,7 @@ from storage.staging import spool_file
 from storage.store import Parsed, Written
 from transforms.dead_letter import failure
 from transforms.metadata_rows import RowsOfImported
-from transforms.store_instances import WriteInstances, _results
+from transforms.store_instances import WriteInstances
 
 MAX_IMAGE_BYTES = 256 * 1024 * 1024  # an image is read whole, to hash and decode it
 
@@ -123,12 +123,11 @@ class WriteImages(WriteInstances):
         self, element: tuple[str, Iterable[Converted]], window: Any = beam.DoFn.WindowParam
     ) -> Iterator[Any]:
         sop, converted = element
-        items = [self._spool(one) for one in sorted(converted, key=lambda one: one.uri)]
-        if len(items) == 1:
-            yield from super().process((sop, items), window)
-            return
-        for item in items:  # one instance made of several images: in the order of their URIs
-            yield from self._outputs([item], _results([item], self.store.write, [item]), item is not items[0])
+        yield from super().process((sop, [self._spool(one) for one in converted]), window)
+
+    def source_of(self, item: Parsed) -> str:
+        """One instance made of several images: written in the order of the images' URIs."""
+        return self.sources[item.file.uri][0]
 
     def _spool(self, converted: Converted) -> Parsed:
         cleanup = contextlib.ExitStack()

@@ -87,10 +87,15 @@ class WriteInstances(StoreDoFn):
         self.batch_bytes = 0
         self.writing: collections.deque[Writing] = collections.deque()
 
+    def source_of(self, item: Parsed) -> str:
+        """What an item was read from: several files with one SOP Instance UID are written in its
+        order, the first one stored and the others compared with it."""
+        return item.file.uri
+
     def process(
         self, element: tuple[str, Iterable[Parsed]], window: Any = beam.DoFn.WindowParam
     ) -> Iterator[Any]:
-        first, *others = sorted(element[1], key=lambda item: item.file.uri)
+        first, *others = sorted(element[1], key=self.source_of)
         if others:  # the same SOP Instance UID in several files: one after the other
             for item in [first, *others]:
                 yield from self._outputs(
