@@ -15,7 +15,7 @@ import sys
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines.options.base import EtlOptions
+from pipelines.options.base import EtlOptions, spool_root
 from pipelines.options.groups import DeadLetter, RowsOfRun, StoreToRead, Targets
 from pipelines.run import Pipeline
 from pipelines.run_log import run_name
@@ -43,7 +43,9 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions) -> None:
             deleted.deleted
             | "DeleteRows" >> beam.Map(lambda ref: delete_row(ref.study, ref.series, ref.sop, now()))
             | "WriteRows"
-            >> WriteMetadata(values.metadata_destination, "WRITE_APPEND", values.max_columns, name)
+            >> WriteMetadata(
+                values.metadata_destination, "WRITE_APPEND", values.max_columns, name, spool_root(options)
+            )
         )
     _ = (
         deleted[DEAD_LETTER]

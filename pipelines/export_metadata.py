@@ -15,7 +15,7 @@ import sys
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines.options.base import EtlOptions
+from pipelines.options.base import EtlOptions, spool_root
 from pipelines.options.groups import DeadLetter, Selection, StoreToRead, Tables, WriteDisposition
 from pipelines.run import Pipeline
 from pipelines.run_log import run_name
@@ -45,7 +45,7 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions) -> None:
     )
     name = run_name("export_metadata")
     _ = rows.rows | "Write" >> WriteMetadata(
-        values.destination, values.write_disposition, values.max_columns, name
+        values.destination, values.write_disposition, values.max_columns, name, spool_root(options)
     )
     (
         count_failures([selected[DEAD_LETTER], rows[DEAD_LETTER]])

@@ -16,7 +16,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from dicomlib.wildcard import parse_pattern
-from pipelines.options.base import EtlOptions
+from pipelines.options.base import EtlOptions, spool_root
 from pipelines.options.groups import DeadLetter, DicomwebWrites, Input, RowsOfRun, StoreToImport
 from pipelines.run import Pipeline
 from pipelines.run_log import run_name
@@ -103,7 +103,8 @@ def write_rows(
         _ = (
             (new.rows, restored.rows)
             | f"{label}AllRows" >> beam.Flatten()
-            | f"{label}Write" >> WriteMetadata([destination], "WRITE_APPEND", values.max_columns, name)
+            | f"{label}Write"
+            >> WriteMetadata([destination], "WRITE_APPEND", values.max_columns, name, spool_root(values))
         )
     return failures
 

@@ -28,6 +28,7 @@ from pipelines.options import command_line
 from pipelines.options.base import EtlOptions, Group, HelpRequested, OptionError, is_local
 from pipelines.run_log import LOGGER, RunLog
 from pipelines.summary import counters, failure_line, launched, so_far, summarize
+from storage.row_spool import remove_local_spools
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,8 @@ def _run(pipeline: Pipeline, options: PipelineOptions, log: RunLog) -> int:
             return _failed(
                 f"the pipeline failed: {_last_line(error)}", reporter.counts(), pipeline, log, error
             )
+        finally:
+            remove_local_spools()
     summary, failed = summarize(pipeline.summary, counters(result))
     print(json.dumps(summary))
     if not failed:

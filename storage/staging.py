@@ -8,6 +8,7 @@ import contextlib
 import errno
 import io
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -76,7 +77,8 @@ def spool_file() -> Iterator[str]:
 
 
 def clean_staging(root: str) -> int:
-    """Remove the staging files under a local `root` that no live writer owns; how many.
+    """Remove the staging files (and spool directories) under a local `root` that no live writer
+    owns; how many.
 
     A file is left over when its process (on this host) is gone, or when it is older than
     STALE_AFTER whatever its host. The staging directory goes too once empty.
@@ -96,7 +98,10 @@ def clean_staging(root: str) -> int:
             modified = entry.stat().st_mtime
             mine = host == HOST and pid.isdigit()
             if time.time() - modified > STALE_AFTER or (mine and not _writing(int(pid), modified)):
-                os.unlink(entry.path)
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path, ignore_errors=True)  # a run's spooled rows
+                else:
+                    os.unlink(entry.path)
                 removed += 1
     with contextlib.suppress(OSError):
         os.rmdir(directory)  # only when empty; a writer recreates it

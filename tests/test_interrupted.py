@@ -108,10 +108,15 @@ def test_leftover_staging_files_of_dead_runs_go_and_a_live_run_keeps_its_own(tmp
     for path in (dead, live, other_host_recent, other_host_old):
         path.write_bytes(b"half a file")
     os.utime(other_host_old, (time.time() - STALE_AFTER - 60,) * 2)
+    dead_spool = staging / f"{HOST}.{dead_pid}.export_metadata-1-rows"  # a run's spooled rows
+    live_spool = staging / f"{HOST}.{os.getpid()}.export_metadata-2-rows"
+    for spool in (dead_spool, live_spool):
+        spool.mkdir()
+        (spool / "0a.pickle.z").write_bytes(b"rows")
 
-    assert clean_staging(str(tmp_path)) == 2
+    assert clean_staging(str(tmp_path)) == 3
 
-    assert sorted(staging.iterdir()) == sorted([live, other_host_recent])
+    assert sorted(staging.iterdir()) == sorted([live, other_host_recent, live_spool])
 
 
 def test_temporary_copies_of_a_killed_process_go_at_the_next_spool() -> None:

@@ -4,6 +4,7 @@ scenario, export_metadata from every kind of store, filters, dispositions and th
 from __future__ import annotations
 
 import datetime
+import glob
 import json
 import os
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 
 from storage.file_store import FileLayoutStore
 from storage.parquet_table import PARQUET_VIEW
+from storage.staging import HOST, SPOOL_ROOT, STAGING
 from tests.conftest import Run, run_export, run_import, run_pipeline
 from tests.orthanc_server import Orthanc
 from tests.test_export import a_filter, exported
@@ -34,6 +36,11 @@ def run_export_metadata(*args: str, dead_letter: Path) -> Run:
     from pipelines import export_metadata
 
     return run_pipeline(export_metadata.main, *args, dead_letter=dead_letter)
+
+
+def this_process_spools() -> list[str]:
+    """The spool directories of rows that runs in this process left."""
+    return glob.glob(os.path.join(SPOOL_ROOT, STAGING, f"{HOST}.{os.getpid()}.*-rows"))
 
 
 def view(directory: Path, columns: str = "SOPInstanceUID, Type") -> list[tuple]:
@@ -118,6 +125,7 @@ def test_export_metadata_writes_one_row_per_instance_and_honours_the_disposition
 
     assert (first.status, first.summary["success"], first.summary["metadata_rows"]) == (0, 19, 19)
     assert refused.status == 1
+    assert not this_process_spools(), "a run, refused or not, leaves no spooled rows behind"
     assert appended.status == 0
     assert len(table(meta, "SOPInstanceUID")) == 38
     assert len(view(meta)) == 19

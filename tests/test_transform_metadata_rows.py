@@ -18,6 +18,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from dicomlib.flatten import flatten
 from dicomlib.uids import InstanceRef
 from schemas.rows import Flat, delete_row, with_event
+from storage.staging import SPOOL_ROOT
 from tests.beam_support import (
     CT,
     MR,
@@ -225,7 +226,7 @@ def test_without_current_row_passes_on_the_records_whose_instance_has_no_current
     flats = [create_row(SERIES[0], then), create_row(SERIES[1], then)]
     flats.append(delete_row(*deleted, then + datetime.timedelta(hours=1)))
     writing = new_pipeline()
-    _ = writing | beam.Create(flats) | WriteMetadata([str(table)], "WRITE_APPEND", 1000, "seed")
+    _ = writing | beam.Create(flats) | WriteMetadata([str(table)], "WRITE_APPEND", 1000, "seed", SPOOL_ROOT)
     run(writing)
     records = [stored_record(path) for path in SERIES[:3]]
     pipeline = new_pipeline()

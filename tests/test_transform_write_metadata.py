@@ -16,8 +16,9 @@ import pytest
 
 from schemas.rows import Flat, with_event
 from storage.parquet_table import PARQUET_VIEW
+from storage.staging import SPOOL_ROOT, STAGING
 from tests.beam_support import counters, new_pipeline, run
-from transforms.write_metadata import WriteMetadata
+from transforms.write_metadata import SPOOL_ROWS, WriteMetadata
 
 WHEN = datetime.datetime(2024, 5, 1, 12, tzinfo=datetime.UTC)
 STUDY, SERIES = "1.2.826.0.1.3680043.2.1125.1", "1.2.826.0.1.3680043.2.1125.1.1"
@@ -41,7 +42,9 @@ def write(
     _ = (
         pipeline
         | beam.Create(flats)
-        | WriteMetadata([str(d) for d in destinations], disposition, options.get("max_columns", 1000), "run1")
+        | WriteMetadata(
+            [str(d) for d in destinations], disposition, options.get("max_columns", 1000), "run1", SPOOL_ROOT
+        )
     )
     return counters(run(pipeline))
 
@@ -79,6 +82,28 @@ def test_write_metadata_writes_parquet_a_schema_and_the_view_to_every_destinatio
             ("1.3", None, "CREATE"),
         ]
         assert sorted(p.name for p in table.iterdir() if p.name.startswith(".")) == []  # no staging left
+
+
+def test_rows_wait_for_the_schema_in_spool_files_that_go_when_every_destination_is_written(
+    tmp_path: Path,
+) -> None:
+    """The schema is known only after the last row, so the rows wait on disk (SPOOL_ROWS to a file),
+    not in memory; a column that only the last row has still reaches both tables."""
+    tables, spool_root = [tmp_path / "one", tmp_path / "two"], tmp_path / "spool"
+    count = 2 * SPOOL_ROWS + 500
+    flats = [row(f"1.{n}", Modality="CT") for n in range(count - 1)] + [row(f"1.{count}", Late="x")]
+    pipeline = new_pipeline()
+    _ = (
+        pipeline
+        | beam.Create(flats)
+        | WriteMetadata([str(t) for t in tables], "WRITE_APPEND", 1000, "r", str(spool_root))
+    )
+
+    assert counters(run(pipeline)) == {"metadata_rows": 2 * count}
+    for table in tables:
+        assert len(view(table, "SOPInstanceUID")) == count
+        assert [r for r in view(table, "SOPInstanceUID, Late") if r[1]] == [(f"1.{count}", "x")]
+    assert list((spool_root / STAGING).iterdir()) == []
 
 
 def test_write_metadata_appends_and_widens_the_schema_under_write_append(tmp_path: Path) -> None:

@@ -12,7 +12,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions, StandardOptions
+
+from storage.staging import SPOOL_ROOT
 
 LOCAL_RUNNERS = {None, "DirectRunner", "direct", "directrunner"}
 
@@ -119,3 +121,14 @@ def repeated(values: Sequence[str] | None) -> list[str]:
 def is_local(options: PipelineOptions) -> bool:
     """A run on this machine, where local paths can be checked; not on a distributed runner's workers."""
     return options.view_as(StandardOptions).runner in LOCAL_RUNNERS
+
+
+def spool_root(options: PipelineOptions) -> str:
+    """Where a run keeps data between its stages: this machine's temporary directory on the direct
+    runner, `--temp_location` on a distributed one (its workers share no disk)."""
+    if is_local(options):
+        return SPOOL_ROOT
+    temp = options.view_as(GoogleCloudOptions).temp_location
+    if not temp:
+        raise OptionError("temp_location", "required on a distributed runner")
+    return temp
