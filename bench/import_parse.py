@@ -34,7 +34,7 @@ from dicomlib.wildcard import parse_pattern  # noqa: E402
 from storage.listing import Lister, expand
 from storage.objects import MatchedFile, open_ranged
 from tests.conftest import corpus_roots  # noqa: E402
-from tests.gcs_emulator import running_emulator, upload_tree  # noqa: E402
+from tests.gcs_emulator import preload, running_emulator, upload_tree  # noqa: E402
 
 LARGE = 2_000_000  # "multi-MB": the files whose pixel data dominates
 
@@ -128,20 +128,21 @@ def compare(where: str, kind: str, files: list[MatchedFile], baseline: Callable[
     )
 
 
-def seed_listing_bucket(seed: Path, studies: int) -> None:
-    """`studies` x 4 series x 25 one-byte objects in bucket listing-bench, as files the emulator
-    loads when it starts (`running_emulator(seed=...)`)."""
-    for study in range(studies):
-        for series in range(4):
-            folder = seed / "listing-bench" / "studies" / f"s{study:04d}" / f"series_{series}"
-            folder.mkdir(parents=True)
-            for instance in range(25):
-                (folder / f"i{instance:04d}.dcm").write_bytes(b"x")
+def seed_listing_bucket(root: Path, studies: int) -> None:
+    """`studies` x 4 series x 25 one-byte objects in bucket listing-bench, preloaded into an emulator
+    root (`running_emulator(root=...)`)."""
+    names = (
+        f"studies/s{study:04d}/series_{series}/i{instance:04d}.dcm"
+        for study in range(studies)
+        for series in range(4)
+        for instance in range(25)
+    )
+    preload(root, "listing-bench", names, b"x")
 
 
 def listing(emit: Callable[..., None], suffix: str = "") -> None:
     """Objects listed to resolve narrow patterns in the seeded bucket: ours versus Beam's
-    FileSystems.match (run inside `running_emulator(seed=...)`)."""
+    FileSystems.match (run inside `running_emulator(root=...)`)."""
     from apache_beam.io.filesystems import FileSystems
     from apache_beam.io.gcp import gcsio
 
@@ -180,7 +181,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         root, seed = Path(scratch) / "instances", Path(scratch) / "seed"
         seed_listing_bucket(seed, studies=100)
-        with running_emulator(seed=seed) as client:
+        with running_emulator(root=seed) as client:
             make_instances(root, args.small, args.large)
             upload_tree(client, root, "parse-bench")
             sizes = {p.relative_to(root).as_posix(): p.stat().st_size for p in root.rglob("*.dcm")}

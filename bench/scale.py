@@ -13,12 +13,10 @@ run: the direct runner works in one):
 and `cp -r` of the same files, the baseline for import. At each size the time per instance and the
 peak RSS are reported; the targets are the issue's: at the largest size at most 1.2 times the
 smallest's, and import at most 3 times `cp -r`'s time per file. `--huge` adds 500,000 (about 2 GB
-and an hour or more on two cores). Then, in a 20,000-object bucket (fake-gcs-server on loopback;
-`--listing_studies=1000` for 100,000, but the emulator loads its seed in more than linear time: over
-9 minutes, unfinished, on two loaded cores), the objects listed to resolve narrow patterns, per
-matching object (target 2), beside Beam's FileSystems.match: bench/import_parse.py's listing at twice
-its size. Ends with one JSON line per
-metric.
+and an hour or more on two cores). Then, in a 100,000-object bucket (fake-gcs-server on loopback,
+the objects preloaded into its filesystem backend), the objects listed to resolve narrow patterns,
+per matching object (target 2), beside Beam's FileSystems.match: bench/import_parse.py's listing at
+ten times its size. Ends with one JSON line per metric.
 """
 
 from __future__ import annotations
@@ -169,10 +167,10 @@ def report_sizes(measured: dict[int, dict[str, dict]]) -> None:
 def listing_at_scale(studies: int) -> None:
     """bench/import_parse.py's listing comparison in a bucket of `studies` x 100 objects."""
     with tempfile.TemporaryDirectory() as scratch:
-        seed_listing_bucket(Path(scratch), studies)
         started = time.perf_counter()
-        with running_emulator(seed=Path(scratch)):
-            report.log(f"{studies * 100:,} objects loaded in {time.perf_counter() - started:.0f} s")
+        seed_listing_bucket(Path(scratch), studies)
+        report.log(f"{studies * 100:,} objects preloaded in {time.perf_counter() - started:.0f} s")
+        with running_emulator(root=Path(scratch)):
             listing(emit, f"_{studies * 100}")
 
 
@@ -180,7 +178,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="5000,50000", help="comma-separated instance counts; empty: none")
     parser.add_argument("--huge", action="store_true", help="add 500,000 instances")
-    parser.add_argument("--listing_studies", type=int, default=200, help="of 100 objects each; 0: none")
+    parser.add_argument("--listing_studies", type=int, default=1000, help="of 100 objects each; 0: none")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s] + ([500_000] if args.huge else [])
     if sizes:
