@@ -207,6 +207,11 @@ def test_a_tiny_column_limit_drops_columns_with_their_names(tmp_path: Path) -> N
         (["--destination=d", "--write_disposition=WRITE_SOMETIMES"], "--write_disposition", "one of"),
         (["--destination=d", "--exclude_vr=XX"], "--exclude_vr", "not a DICOM VR"),
         (["--destination=bq://my-project.d.t"], "--destination", "needs --temp_location=gs://"),
+        (  # rows wait for the schema in spool files, where every worker can read them
+            ["--destination=gs://bucket/table", "--runner=DataflowRunner", "--project=p", "--region=r"],
+            "--temp_location",
+            "must be gs://... on a distributed runner: metadata rows are spooled there",
+        ),
     ],
 )
 def test_bad_metadata_options_stop_before_any_work(

@@ -125,10 +125,9 @@ def is_local(options: PipelineOptions) -> bool:
 
 def spool_root(options: PipelineOptions) -> str:
     """Where a run keeps data between its stages: this machine's temporary directory on the direct
-    runner, `--temp_location` on a distributed one (its workers share no disk)."""
+    runner, else `--temp_location` (or `--staging_location`, as Beam defaults it; empty if neither
+    is given): a distributed runner's workers share no disk."""
     if is_local(options):
         return SPOOL_ROOT
-    temp = options.view_as(GoogleCloudOptions).temp_location
-    if not temp:
-        raise OptionError("temp_location", "required on a distributed runner")
-    return temp
+    cloud = options.view_as(GoogleCloudOptions)
+    return cloud.temp_location or cloud.staging_location or ""

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from apache_beam.options.pipeline_options import GoogleCloudOptions
 
-from pipelines.options.base import EtlOptions, OptionError
+from pipelines.options.base import EtlOptions, OptionError, is_local, spool_root
 from storage.stores import store_kind
 
 
@@ -48,10 +48,25 @@ def _bigquery_loads_need_gcs(option: str) -> Callable[[EtlOptions], None]:
     return check
 
 
+def _spool_needs_gcs(option: str) -> Callable[[EtlOptions], None]:
+    """On a distributed runner, metadata rows wait for the table's schema in spool files under
+    --temp_location (spool_root): its workers share no disk."""
+
+    def check(options: EtlOptions) -> None:
+        if getattr(options, option) and not is_local(options) and not spool_root(options).startswith("gs://"):
+            raise OptionError(
+                "temp_location", "must be gs://... on a distributed runner: metadata rows are spooled there"
+            )
+
+    return check
+
+
 RULES = (
     Rule(("store", "storage_class", "verify_stored", "max_requests_in_flight"), _dicomweb_only),
     Rule(("metadata_destination",), _bigquery_loads_need_gcs("metadata_destination")),
     Rule(("destination",), _bigquery_loads_need_gcs("destination")),
+    Rule(("metadata_destination",), _spool_needs_gcs("metadata_destination")),
+    Rule(("destination", "max_columns"), _spool_needs_gcs("destination")),  # export_metadata's tables
 )
 
 
