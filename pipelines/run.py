@@ -87,6 +87,7 @@ def _run(pipeline: Pipeline, options: PipelineOptions, log: RunLog) -> int:
     def interrupted() -> int:
         status = _failed("interrupted (Ctrl-C)", reporter.counts(), pipeline, log)
         reporter.remove()
+        remove_local_spools()
         return status
 
     with exit_on_interrupt(interrupted), log.stderr_to_file(), reporter:
