@@ -32,9 +32,9 @@ class Spooled(NamedTuple):
 
 
 def spool_directory(root: str, run: str) -> str:
-    """This run's spool directory under `root` (only named here: nothing is made until rows are
-    spooled)."""
-    return join(root, STAGING, f"{HOST}.{os.getpid()}.{run}-rows")
+    """A new spool directory of this run under `root`, one for each set of destinations written (an
+    import writes each destination on its own); only named here, made when rows are spooled."""
+    return join(root, STAGING, f"{HOST}.{os.getpid()}.{run}-{uuid.uuid4().hex[:8]}-rows")
 
 
 def write_spool(directory: str, flats: list[Flat]) -> str:

@@ -139,6 +139,24 @@ def test_export_metadata_writes_one_row_per_instance_and_honours_the_disposition
     assert all(d is None or isinstance(d, datetime.date) for (d,) in dates)
 
 
+def test_an_import_writes_every_row_to_each_of_its_metadata_destinations(tmp_path: Path) -> None:
+    """An import writes each destination on its own, each from spool files of its own."""
+    tables = [tmp_path / name for name in ("one", "two", "three")]
+    destinations = [f"--metadata_destination={t}" for t in tables]
+
+    done = run_import(
+        f"--input={SAMPLE}/**.dcm",
+        f"--store={tmp_path / 'store'}",
+        *destinations,
+        dead_letter=tmp_path / "dl",
+    )
+
+    assert (done.status, done.summary["success"], done.summary["metadata_rows"]) == (0, 19, 3 * 19)
+    for t in tables:
+        assert len(view(t)) == 19
+    assert not this_process_spools()
+
+
 def test_a_filter_selects_rows_exactly_as_it_selects_files(tmp_path: Path) -> None:
 
     store = FileLayoutStore(str(tmp_path / "store"))

@@ -106,6 +106,16 @@ def test_rows_wait_for_the_schema_in_spool_files_that_go_when_every_destination_
     assert list((spool_root / STAGING).iterdir()) == []
 
 
+def test_each_write_of_a_run_spools_apart(tmp_path: Path) -> None:
+    """An import writes each metadata destination with a WriteMetadata of its own, and each removes
+    its spool when its destination is written: a shared one would go while another still reads it."""
+    first, second = (
+        WriteMetadata([str(tmp_path / n)], "WRITE_APPEND", 1000, "run1", SPOOL_ROOT) for n in "ab"
+    )
+
+    assert first.spool != second.spool
+
+
 def test_write_metadata_appends_and_widens_the_schema_under_write_append(tmp_path: Path) -> None:
     table = tmp_path / "table"
     write([row("1.1", Modality="CT")], [table])
