@@ -3,11 +3,11 @@ schema and the pass that writes them, so that no runner holds every row of the r
 direct runner keeps whatever crosses from one stage to the next in memory; a row with its own
 schema is tens of KB).
 
-A run's spool is one directory in the staging directory of its root: the local temporary directory
-on the direct runner, `--temp_location` on a distributed one (its workers share no disk). It is
-named for the host and launching process like a staging file: the run removes it when every
-destination is written, and what a failed or killed local run left is removed by a later run's
-`clean_staging` once the launching process is gone.
+Each spool is a directory in the staging directory of its root: the local temporary directory on
+the direct runner, `--temp_location` on a distributed one (its workers share no disk). It is named
+for the host and launching process like a staging file: the run removes it when its destinations
+are written, a failed local run at its end, and what a killed local run left is removed by a later
+run's `clean_staging` once the launching process is gone.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from storage.staging import HOST, SPOOL_ROOT, STAGING
 class Spooled(NamedTuple):
     path: str
     schema: list[dict]  # the rows' schemas merged
-    rows: int
 
 
 def spool_directory(root: str, run: str) -> str:

@@ -134,7 +134,7 @@ class SpoolRows(beam.DoFn):
         schema: list[dict] = []
         for flat in self.flats:
             schema = _merge(schema, flat.schema)
-        spooled = Spooled(write_spool(self.directory, self.flats), schema, len(self.flats))
+        spooled = Spooled(write_spool(self.directory, self.flats), schema)
         self.flats = []
         return spooled
 
