@@ -13,10 +13,12 @@ run: the direct runner works in one):
 and `cp -r` of the same files, the baseline for import. At each size the time per instance and the
 peak RSS are reported; the targets are the issue's: at the largest size at most 1.2 times the
 smallest's, and import at most 3 times `cp -r`'s time per file. `--huge` adds 500,000 (about 2 GB
-and an hour or more on two cores). Then, in a 100,000-object bucket (fake-gcs-server on loopback,
-the objects preloaded into its filesystem backend), the objects listed to resolve narrow patterns,
-per matching object (target 2), beside Beam's FileSystems.match: bench/import_parse.py's listing at
-ten times its size. Ends with one JSON line per metric.
+and an hour or more on two cores). Then import against a copy of 600 multi-frame instances of 5
+MiB (3 GB), where both are bound by bytes: target 1.5 times `cp -r` followed by `sync` (a durable
+copy, as the store's writes are), plain `cp -r` beside it. Then, in a 100,000-object bucket
+(fake-gcs-server on loopback, the objects preloaded into its filesystem backend), the objects listed
+to resolve narrow patterns, per matching object (target 2), beside Beam's FileSystems.match:
+bench/import_parse.py's listing at ten times its size. Ends with one JSON line per metric.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import random
 import shutil
 import subprocess
 import sys
@@ -51,7 +54,8 @@ SOURCES = [
     "SC_rgb_jpeg_dcmtk.dcm",
 ]
 SERIES_SIZE, SERIES_PER_STUDY = 50, 4
-GROWTH_TARGET, CP_TARGET = 1.2, 3.0
+GROWTH_TARGET, CP_TARGET, LARGE_TARGET = 1.2, 3.0, 1.5
+LARGE_FRAMES = 10  # of 512 x 512 16-bit pixels: 5 MiB an instance
 
 emit = functools.partial(report.emit, "scale")
 
@@ -84,6 +88,50 @@ def make_instances(target: Path, count: int) -> int:
         dataset.save_as(path, enforce_file_format=True)
         total += path.stat().st_size
     return total
+
+
+def make_large_instances(target: Path, count: int) -> int:
+    """`count` multi-frame CT instances of 5 MiB of random pixels each (nothing compresses), one
+    series; returns their total bytes."""
+    dataset = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    dataset.Rows = dataset.Columns = 512
+    dataset.NumberOfFrames = LARGE_FRAMES
+    dataset.PixelData = random.Random(0).randbytes(512 * 512 * 2 * LARGE_FRAMES)
+    dataset.StudyInstanceUID, dataset.SeriesInstanceUID = generate_uid(), generate_uid()
+    target.mkdir(parents=True)
+    total = 0
+    for index in range(count):
+        dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        path = target / f"{index:05d}.dcm"
+        dataset.save_as(path, enforce_file_format=True)
+        total += path.stat().st_size
+    return total
+
+
+def large_files(scratch: Path, count: int) -> None:
+    """import_dicom against a copy of the same multi-MB files, where both are bound by bytes: `cp -r`
+    then `sync` (the copy made durable, as the store's writes are) is the target's baseline; plain
+    `cp -r`, which leaves the bytes in the page cache, is reported beside it."""
+    work = scratch / "large"
+    size = make_large_instances(work / "incoming", count)
+    report.log(f"{count:,} multi-frame instances, {size / 1e6:.0f} MB")
+    commands = {
+        "cp": ["cp", "-r", str(work / "incoming"), str(work / "copy")],
+        "cp_sync": ["sh", "-c", f"cp -r '{work}/incoming' '{work}/copy_synced' && sync"],
+        "import_dicom": [
+            sys.executable, "-m", "pipelines.import_dicom", f"--input={work}/incoming/*.dcm",
+            f"--store={work}/store", f"--dead_letter={work}/dead_letter",
+        ],
+    }  # fmt: skip
+    per_file = {}
+    for name, command in commands.items():
+        subprocess.run(["sync"], check=True)
+        per_file[name] = 1000 * measure(command)["seconds"] / count
+        report.log(f"multi-MB {name}: {per_file[name]:.1f} ms/file")
+    ours, base = per_file["import_dicom"], per_file["cp_sync"]
+    emit("import_vs_cp_ms_per_file_multi_mb", ours, base, LARGE_TARGET, ours <= LARGE_TARGET * base)
+    emit("import_vs_cp_without_sync_ms_per_file_multi_mb", ours, per_file["cp"], None, None)
+    shutil.rmtree(work)
 
 
 def measure(command: list[str]) -> dict:
@@ -178,12 +226,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="5000,50000", help="comma-separated instance counts; empty: none")
     parser.add_argument("--huge", action="store_true", help="add 500,000 instances")
+    parser.add_argument("--large_count", type=int, default=600, help="5 MiB instances; 0: none")
     parser.add_argument("--listing_studies", type=int, default=1000, help="of 100 objects each; 0: none")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s] + ([500_000] if args.huge else [])
     if sizes:
         with tempfile.TemporaryDirectory() as scratch:
             report_sizes({count: run_size(Path(scratch), count) for count in sizes})
+    if args.large_count:
+        with tempfile.TemporaryDirectory() as scratch:
+            large_files(Path(scratch), args.large_count)
     if args.listing_studies:
         listing_at_scale(args.listing_studies)
 
