@@ -10,15 +10,16 @@ run: the direct runner works in one):
   import_dicom     the files into a local file-layout store
   export_dicom     that store into a directory, byte for byte
   export_metadata  that store into a local Parquet table
-and `cp -r` of the same files, the baseline for import. At each size the time per instance and the
-peak RSS are reported; the targets are the issue's: at the largest size at most 1.2 times the
-smallest's, and import at most 3 times `cp -r`'s time per file. `--huge` adds 500,000 (about 2 GB
-and an hour or more on two cores). Then import against a copy of 600 multi-frame instances of 5
-MiB (3 GB), where both are bound by bytes: target 1.5 times `cp -r` followed by `sync` (a durable
-copy, as the store's writes are), plain `cp -r` beside it. Then, in a 100,000-object bucket
-(fake-gcs-server on loopback, the objects preloaded into its filesystem backend), the objects listed
-to resolve narrow patterns, per matching object (target 2), beside Beam's FileSystems.match:
-bench/import_parse.py's listing at ten times its size. Ends with one JSON line per metric.
+and `cp -r` of the same files, the baseline for import (`cp -r` then `sync` too, for reference). At
+each size the time per instance and the peak RSS are reported; the targets are the issue's: at the
+largest size at most 1.2 times the smallest's, and import at most 3 times `cp -r`'s time per file.
+`--huge` adds 500,000 (about 2 GB and an hour or more on two cores). Then import against a copy of
+600 multi-frame instances of 5 MiB (3 GB), where both are bound by bytes: target 1.5 times `cp -r`
+followed by `sync` (a durable copy, as the store's writes are), plain `cp -r` beside it. Then, in a
+100,000-object bucket (fake-gcs-server on loopback, the objects preloaded into its filesystem
+backend), the objects listed to resolve narrow patterns, per matching object (target 2), beside
+Beam's FileSystems.match: bench/import_parse.py's listing at ten times its size. Ends with one JSON
+line per metric.
 """
 
 from __future__ import annotations
@@ -155,6 +156,7 @@ def run_size(scratch: Path, count: int) -> dict[str, dict]:
     store = str(work / "store")
     commands = {
         "cp": ["cp", "-r", str(work / "incoming"), str(work / "copy")],
+        "cp_sync": ["sh", "-c", f"cp -r '{work}/incoming' '{work}/copy_synced' && sync"],
         "import_dicom": [
             *python,
             "pipelines.import_dicom",
@@ -195,7 +197,7 @@ def report_sizes(measured: dict[int, dict[str, dict]]) -> None:
     """Each size's figures, then each larger size against the smallest, and import against cp."""
     small, *larger = measured
     for count, results in measured.items():
-        for name in ("import_dicom", "export_dicom", "export_metadata", "cp"):
+        for name in ("import_dicom", "export_dicom", "export_metadata", "cp", "cp_sync"):
             emit(f"{name}_ms_per_instance_{count}", results[name]["per_instance_ms"], None, None, None)
             emit(f"{name}_peak_rss_mib_{count}", results[name]["rss_mib"], None, None, None)
     for count in larger:
@@ -210,6 +212,8 @@ def report_sizes(measured: dict[int, dict[str, dict]]) -> None:
             measured[count]["cp"]["per_instance_ms"],
         )
         emit(f"import_vs_cp_ms_per_file_{count}", ours, base, CP_TARGET, ours <= CP_TARGET * base)
+        durable = measured[count]["cp_sync"]["per_instance_ms"]
+        emit(f"import_vs_cp_then_sync_ms_per_file_{count}", ours, durable, None, None)
 
 
 def listing_at_scale(studies: int) -> None:
