@@ -5,7 +5,6 @@ killed run left behind is found and removed by a later one, while a live run's f
 from __future__ import annotations
 
 import contextlib
-import errno
 import io
 import os
 import shutil
@@ -80,8 +79,9 @@ def clean_staging(root: str) -> int:
     """Remove the staging files (and spool directories) under a local `root` that no live writer
     owns; how many.
 
-    A file is left over when its process (on this host) is gone, or when it is older than
-    STALE_AFTER whatever its host. The staging directory goes too once empty.
+    A file of this host is left over when its process is gone (or is a newer process with the same
+    id); one of another host, whose processes cannot be seen from here, when it is older than
+    STALE_AFTER. The staging directory goes too once empty.
     """
     if root.startswith("gs://"):
         return 0
@@ -96,8 +96,11 @@ def clean_staging(root: str) -> int:
         pid = rest.partition(".")[0]
         with contextlib.suppress(FileNotFoundError):
             modified = entry.stat().st_mtime
-            mine = host == HOST and pid.isdigit()
-            if time.time() - modified > STALE_AFTER or (mine and not _writing(int(pid), modified)):
+            if host == HOST and pid.isdigit():
+                left = not _writing(int(pid), modified)
+            else:
+                left = time.time() - modified > STALE_AFTER
+            if left:
                 if entry.is_dir(follow_symlinks=False):
                     shutil.rmtree(entry.path, ignore_errors=True)  # a run's spooled rows
                 else:
@@ -110,14 +113,26 @@ def clean_staging(root: str) -> int:
 
 def _writing(pid: int, since: float) -> bool:
     """Whether process `pid` may still be writing a file last modified at `since`: it is alive and
-    started before then (a pid reused by a newer process is not the writer)."""
+    started before then (a pid reused by a newer process is not the writer). A file or spool can go
+    unmodified for hours while its run goes on, so only a start after it counts against it."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
+    started = _start_time(pid)
+    return started is None or started <= since + 1
+
+
+def _start_time(pid: int) -> float | None:
+    """When process `pid` started (seconds since the epoch), from /proc; None if it cannot be told
+    (gone meanwhile, or no /proc). The time of /proc/{pid} itself is when it was first looked at."""
     try:
-        return os.stat(f"/proc/{pid}").st_ctime <= since + 1
-    except OSError as error:
-        return error.errno != errno.ENOENT
+        with open(f"/proc/{pid}/stat") as stat:
+            ticks = int(stat.read().rsplit(")", 1)[1].split()[19])  # field 22, after the command name
+        with open("/proc/stat") as system:
+            boot = next(int(line.split()[1]) for line in system if line.startswith("btime "))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    return boot + ticks / os.sysconf("SC_CLK_TCK")

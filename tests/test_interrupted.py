@@ -94,27 +94,39 @@ def test_a_killed_import_run_again_stores_everything_once_with_one_current_row_e
 
 
 def test_leftover_staging_files_of_dead_runs_go_and_a_live_run_keeps_its_own(tmp_path: Path) -> None:
-    """What a killed run left is removed by the next run; a concurrent run's files are not."""
+    """What a killed run left is removed by the next run; a concurrent run's files are not, even when
+    it has not touched them for a while (a spool waits for the last destination), and a file older
+    than its pid's process was left by an earlier process with that pid."""
     from storage.staging import HOST, STAGING, STALE_AFTER, clean_staging
 
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
     dead_pid = int(finished.stdout)
+    running = subprocess.Popen(["sleep", "60"])  # a concurrent run
+    time.sleep(3)
     staging = tmp_path / STAGING
     staging.mkdir()
     dead = staging / f"{HOST}.{dead_pid}.0a"
-    live = staging / f"{HOST}.{os.getpid()}.0b"
+    live = staging / f"{HOST}.{running.pid}.0b"
+    reused = staging / f"{HOST}.{running.pid}.0e"
     other_host_recent = staging / f"elsewhere.{dead_pid}.0c"
     other_host_old = staging / f"elsewhere.{dead_pid}.0d"
-    for path in (dead, live, other_host_recent, other_host_old):
+    for path in (dead, live, reused, other_host_recent, other_host_old):
         path.write_bytes(b"half a file")
     os.utime(other_host_old, (time.time() - STALE_AFTER - 60,) * 2)
+    os.utime(reused, (time.time() - 60,) * 2)
     dead_spool = staging / f"{HOST}.{dead_pid}.export_metadata-1-rows"  # a run's spooled rows
-    live_spool = staging / f"{HOST}.{os.getpid()}.export_metadata-2-rows"
+    live_spool = staging / f"{HOST}.{running.pid}.export_metadata-2-rows"
     for spool in (dead_spool, live_spool):
         spool.mkdir()
         (spool / "0a.pickle.z").write_bytes(b"rows")
+    for path in (live, live_spool):
+        os.utime(path, (time.time() - 2,) * 2)
 
-    assert clean_staging(str(tmp_path)) == 3
+    try:
+        assert clean_staging(str(tmp_path)) == 4
+    finally:
+        running.kill()
+        running.wait()
 
     assert sorted(staging.iterdir()) == sorted([live, other_host_recent, live_spool])
 
