@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 from schemas.rows import Flat
 from storage.objects import join, read_bytes, write_bytes
-from storage.staging import HOST, SPOOL_ROOT, STAGING
+from storage.staging import HOST, SPOOL_ROOT, STAGING, remove_empty_spool_root
 
 
 class Spooled(NamedTuple):
@@ -54,3 +54,4 @@ def remove_local_spools() -> None:
     (a failed run's spool is of no further use)."""
     for path in glob.glob(os.path.join(SPOOL_ROOT, STAGING, f"{HOST}.{os.getpid()}.*-rows")):
         shutil.rmtree(path, ignore_errors=True)
+    remove_empty_spool_root()

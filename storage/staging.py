@@ -9,15 +9,21 @@ import io
 import os
 import shutil
 import socket
+import stat
 import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
 
+from dicomlib.failures import RunFailed
+
 STAGING = ".dicom-etl-tmp"
 STALE_AFTER = 24 * 3600  # seconds: a staging file this old is left over, even from another host
 HOST = socket.gethostname().replace(".", "_")
-SPOOL_ROOT = tempfile.gettempdir()  # its staging directory holds the spools
+# Its staging directory holds the spools. It is this user's own (mode 0700): spools hold patients'
+# headers and pixels, and a directory shared by all users would be readable by all, and writable by
+# whoever made it first.
+SPOOL_ROOT = os.path.join(tempfile.gettempdir(), f"dicom-etl-{os.getuid()}")
 _spool_cleaned: list[bool] = []  # whether this process has cleaned SPOOL_ROOT yet
 
 
@@ -25,6 +31,7 @@ def place(
     fill: Callable[[io.BufferedWriter], object], destination: str, root: str, create_only: bool
 ) -> bool:
     """Write a staging file under `root` with `fill`, then move it to `destination`."""
+    _private_spool_root(destination)
     os.makedirs(os.path.dirname(destination), exist_ok=True)
     staged = _staging_file(root)
     try:
@@ -44,6 +51,7 @@ def place(
 def _staging_file(root: str) -> str:
     """A new, empty staging file under `root`, created with the modes the umask gives (0644 under
     umask 022); its name says which host and process own it."""
+    _private_spool_root(root)
     directory = os.path.join(root, STAGING)
     path = os.path.join(directory, f"{HOST}.{os.getpid()}.{uuid.uuid4().hex}")
     for attempt in range(3):  # a concurrent clean_staging may remove the empty directory between
@@ -55,6 +63,25 @@ def _staging_file(root: str) -> str:
             if attempt == 2:
                 raise
     raise AssertionError("unreachable")
+
+
+def _private_spool_root(path: str) -> None:
+    """For a path under SPOOL_ROOT: SPOOL_ROOT made if missing, and refused (RunFailed) unless it is
+    a directory of this user's that no one else may read or write."""
+    if os.path.commonpath([os.path.abspath(path), SPOOL_ROOT]) != SPOOL_ROOT:
+        return
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(SPOOL_ROOT, 0o700)
+    status = os.lstat(SPOOL_ROOT)
+    if not stat.S_ISDIR(status.st_mode) or status.st_uid != os.getuid() or status.st_mode & 0o077:
+        raise RunFailed(f"{SPOOL_ROOT} must be a directory of this user's that only this user may use")
+
+
+def remove_empty_spool_root() -> None:
+    """SPOOL_ROOT's staging directory, if empty. SPOOL_ROOT itself stays (empty): were it removed
+    while another thread makes its staging directory, it would come back readable by all."""
+    with contextlib.suppress(OSError):
+        os.rmdir(os.path.join(SPOOL_ROOT, STAGING))
 
 
 @contextlib.contextmanager
@@ -71,8 +98,7 @@ def spool_file() -> Iterator[str]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        with contextlib.suppress(OSError):
-            os.rmdir(os.path.dirname(path))  # only when empty; a writer recreates it
+        remove_empty_spool_root()  # only when empty; a writer recreates it
 
 
 def clean_staging(root: str) -> int:

@@ -152,3 +152,18 @@ def test_temporary_copies_of_a_killed_process_go_at_the_next_spool() -> None:
     subprocess.run([sys.executable, "-c", cleaner], check=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT)})
 
     assert not left.exists()
+
+
+def test_temporary_copies_live_in_a_directory_only_their_user_may_use(tmp_path: Path) -> None:
+    """Spools hold patients' headers and pixels: their root in the temporary directory is the
+    user's own (0700); one that others may use, or that is not a directory, stops the run."""
+    spool = "from storage.staging import spool_file\nwith spool_file(): pass\n"
+    env = {"PYTHONPATH": str(ROOT), "PATH": os.environ["PATH"], "TMPDIR": str(tmp_path)}
+    root = tmp_path / f"dicom-etl-{os.getuid()}"
+
+    subprocess.run([sys.executable, "-c", spool], check=True, cwd=ROOT, env=env)
+    assert root.stat().st_mode & 0o777 == 0o700 and not list(root.iterdir())
+
+    root.chmod(0o755)  # as another user's process could have made it
+    refused = subprocess.run([sys.executable, "-c", spool], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert refused.returncode != 0 and f"{root} must be a directory of this user's" in refused.stderr
