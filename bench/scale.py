@@ -84,11 +84,15 @@ def make_instances(target: Path, count: int) -> int:
             folder.mkdir(parents=True)
         dataset = sources[index % len(sources)]
         dataset.StudyInstanceUID, dataset.SeriesInstanceUID = study, series
-        dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        path = folder / f"{index:07d}.dcm"
-        dataset.save_as(path, enforce_file_format=True)
-        total += path.stat().st_size
+        total += save_as_new(dataset, folder / f"{index:07d}.dcm")
     return total
+
+
+def save_as_new(dataset: pydicom.Dataset, path: Path) -> int:
+    """`dataset` saved to `path` as a new instance (a fresh SOP Instance UID); its size."""
+    dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    dataset.save_as(path, enforce_file_format=True)
+    return path.stat().st_size
 
 
 def make_large_instances(target: Path, count: int) -> int:
@@ -100,13 +104,7 @@ def make_large_instances(target: Path, count: int) -> int:
     dataset.PixelData = random.Random(0).randbytes(512 * 512 * 2 * LARGE_FRAMES)
     dataset.StudyInstanceUID, dataset.SeriesInstanceUID = generate_uid(), generate_uid()
     target.mkdir(parents=True)
-    total = 0
-    for index in range(count):
-        dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        path = target / f"{index:05d}.dcm"
-        dataset.save_as(path, enforce_file_format=True)
-        total += path.stat().st_size
-    return total
+    return sum(save_as_new(dataset, target / f"{index:05d}.dcm") for index in range(count))
 
 
 def large_files(scratch: Path, count: int) -> None:
