@@ -86,15 +86,14 @@ def run(main: Main, root: Path, arguments: Arguments, *more: str) -> Outcome:
     return Outcome(run_pipeline(main, *arguments(root), *more, dead_letter=root / "dead_letter"), root)
 
 
-def multi_process(main: Main, tmp_path: Path, arguments: Arguments) -> Outcome:
-    return run(main, tmp_path / "multi", arguments, *MULTI_PROCESS)
-
-
-def assert_same_run(single: Outcome, multi: Outcome) -> None:
-    """The same exit status, summary and dead letters."""
+def multi_process(main: Main, tmp_path: Path, arguments: Arguments, single: Outcome) -> Outcome:
+    """The run again in worker processes, checked to end as `single` did: the same exit status,
+    summary and dead letters."""
+    multi = run(main, tmp_path / "multi", arguments, *MULTI_PROCESS)
     assert multi.run.status == single.run.status, multi.run.stdout
     assert multi.run.summary == single.run.summary
     assert multi.dead_letters() == single.dead_letters()
+    return multi
 
 
 @pytest.fixture(scope="module")
@@ -123,8 +122,7 @@ def imported(root: Path) -> Outcome:
 
 
 def test_import_dicom(imported: Outcome, tmp_path: Path) -> None:
-    multi = multi_process(import_dicom.main, tmp_path, import_arguments)
-    assert_same_run(imported, multi)
+    multi = multi_process(import_dicom.main, tmp_path, import_arguments, imported)
     assert multi.files("store") == imported.files("store")
     assert tables(multi, "rows") == tables(imported, "rows")
 
@@ -155,8 +153,7 @@ def test_export_dicom(imported: Outcome, root: Path, tmp_path: Path) -> None:
 
     single = run(export_dicom.main, root / "export", arguments)
     assert (single.run.status, single.run.summary["success"], single.run.summary["failure"]) == (3, 2, 10)
-    multi = multi_process(export_dicom.main, tmp_path, arguments)
-    assert_same_run(single, multi)
+    multi = multi_process(export_dicom.main, tmp_path, arguments, single)
     assert multi.files("out") == single.files("out")
 
 
@@ -178,8 +175,7 @@ def test_export_metadata(imported: Outcome, root: Path, tmp_path: Path) -> None:
 
     single = run(export_metadata.main, root / "metadata", arguments)
     assert single.run.summary["success"] > 0 and single.run.reasons() == {"/studies/1.2.3.4": "no_match"}
-    multi = multi_process(export_metadata.main, tmp_path, arguments)
-    assert_same_run(single, multi)
+    multi = multi_process(export_metadata.main, tmp_path, arguments, single)
     assert tables(multi, "table") == tables(single, "table")
 
 
@@ -203,8 +199,7 @@ def test_delete_dicom(imported: Outcome, root: Path, tmp_path: Path) -> None:
 
     single = run(delete_dicom.main, root / "delete", arguments)
     assert single.run.summary["success"] > 1 and single.run.reasons() == {"/studies/1.2.3.4": "no_match"}
-    multi = multi_process(delete_dicom.main, tmp_path, arguments)
-    assert_same_run(single, multi)
+    multi = multi_process(delete_dicom.main, tmp_path, arguments, single)
     assert multi.files("store") == single.files("store")
     assert tables(multi, "rows") == tables(single, "rows")
 
@@ -245,8 +240,7 @@ def test_deidentify_dicom(imported: Outcome, root: Path, tmp_path: Path) -> None
 
     single = run(deidentify_dicom.main, root / "deidentify", arguments)
     assert (single.run.summary["success"], single.run.reasons()) == (10, {"/studies/1.2.3.4": "no_match"})
-    multi = multi_process(deidentify_dicom.main, tmp_path, arguments)
-    assert_same_run(single, multi)
+    multi = multi_process(deidentify_dicom.main, tmp_path, arguments, single)
     assert multi.files("store") == single.files("store")
     assert provenance(multi) == provenance(single)
 
@@ -273,8 +267,7 @@ def test_import_images(root: Path, tmp_path: Path) -> None:
 
     single = run(import_images.main, root / "import_images", arguments)
     assert (single.run.status, single.run.summary["success"], single.run.summary["failure"]) == (3, 2, 1)
-    multi = multi_process(import_images.main, tmp_path, arguments)
-    assert_same_run(single, multi)
+    multi = multi_process(import_images.main, tmp_path, arguments, single)
     assert multi.files("store") == single.files("store")
     assert tables(multi, "rows") == tables(single, "rows")
 
@@ -292,7 +285,7 @@ def test_a_failed_run_says_the_same_line(imported: Outcome, root: Path, tmp_path
     def arguments(at: Path) -> list[str]:
         return [f"--store={imported.root / 'store'}", f"--destination={table}"]
 
-    multi = multi_process(export_metadata.main, tmp_path, arguments)
+    multi = run(export_metadata.main, tmp_path / "multi", arguments, *MULTI_PROCESS)
     assert multi.run.status == 1
     assert (
         multi.run.summary["error"]
