@@ -10,9 +10,12 @@ run: the direct runner works in one):
   import_dicom     the files into a local file-layout store
   export_dicom     that store into a directory, byte for byte
   export_metadata  that store into a local Parquet table
-and `cp -r` of the same files, the baseline for import (`cp -r` then `sync` too, for reference). At
+and `cp -r` of the same files, the baseline for import (`cp -r` then `sync` too, for reference), and
+bench/beam_floor.py: import's shape with no work, what Beam's direct runner costs by itself. At
 each size the time per instance and the peak RSS are reported; the targets are the issue's: at the
 largest size at most 1.2 times the smallest's, and import at most 3 times `cp -r`'s time per file.
+Each pipeline's growth in RSS is set beside the floor's: the direct runner holds every shuffled
+element in memory, so part of any pipeline's growth is Beam's own.
 `--huge` adds 500,000 (about 2 GB and an hour or more on two cores). Then import against a copy of
 600 multi-frame instances of 5 MiB (3 GB), where both are bound by bytes: target 1.5 times `cp -r`
 followed by `sync` (a durable copy, as the store's writes are), plain `cp -r` beside it. Then, in a
@@ -56,6 +59,7 @@ SOURCES = [
 ]
 SERIES_SIZE, SERIES_PER_STUDY = 50, 4
 GROWTH_TARGET, CP_TARGET, LARGE_TARGET = 1.2, 3.0, 1.5
+PIPELINES = ("import_dicom", "export_dicom", "export_metadata")
 LARGE_FRAMES = 10  # of 512 x 512 16-bit pixels: 5 MiB an instance
 
 emit = functools.partial(report.emit, "scale")
@@ -176,6 +180,7 @@ def run_size(scratch: Path, count: int) -> dict[str, dict]:
             f"--destination={work}/metadata",
             f"--dead_letter={work}/dl_metadata",
         ],
+        "beam_floor": [sys.executable, "bench/beam_floor.py", str(count)],
     }
     results = {}
     for name, command in commands.items():
@@ -195,15 +200,19 @@ def report_sizes(measured: dict[int, dict[str, dict]]) -> None:
     """Each size's figures, then each larger size against the smallest, and import against cp."""
     small, *larger = measured
     for count, results in measured.items():
-        for name in ("import_dicom", "export_dicom", "export_metadata", "cp", "cp_sync"):
+        for name in (*PIPELINES, "beam_floor", "cp", "cp_sync"):
             emit(f"{name}_ms_per_instance_{count}", results[name]["per_instance_ms"], None, None, None)
             emit(f"{name}_peak_rss_mib_{count}", results[name]["rss_mib"], None, None, None)
     for count in larger:
-        for name in ("import_dicom", "export_dicom", "export_metadata"):
+        for name in (*PIPELINES, "beam_floor"):
             for key, metric in (("per_instance_ms", "ms_per_instance"), ("rss_mib", "peak_rss_mib")):
                 ours, base = measured[count][name][key], measured[small][name][key]
                 target = GROWTH_TARGET
                 emit(f"{name}_{metric}_{count}_vs_{small}", ours, base, target, ours <= target * base)
+        floor_growth = measured[count]["beam_floor"]["rss_mib"] - measured[small]["beam_floor"]["rss_mib"]
+        for name in PIPELINES:
+            growth = measured[count][name]["rss_mib"] - measured[small][name]["rss_mib"]
+            emit(f"{name}_rss_growth_mib_{count}_vs_{small}_vs_beam_floor", growth, floor_growth, None, None)
     for count in larger or [small]:
         ours, base = (
             measured[count]["import_dicom"]["per_instance_ms"],
@@ -212,6 +221,8 @@ def report_sizes(measured: dict[int, dict[str, dict]]) -> None:
         emit(f"import_vs_cp_ms_per_file_{count}", ours, base, CP_TARGET, ours <= CP_TARGET * base)
         durable = measured[count]["cp_sync"]["per_instance_ms"]
         emit(f"import_vs_cp_then_sync_ms_per_file_{count}", ours, durable, None, None)
+        floor = measured[count]["beam_floor"]["per_instance_ms"]
+        emit(f"beam_floor_vs_cp_ms_per_file_{count}", floor, base, None, None)
 
 
 def listing_at_scale(studies: int) -> None:
