@@ -12,7 +12,7 @@ shuffled element in memory until the next stage has run).
 
 from __future__ import annotations
 
-import sys
+import argparse
 from collections.abc import Iterator
 
 import apache_beam as beam
@@ -45,4 +45,6 @@ def main(count: int) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("count", type=int, help="elements to make")
+    main(parser.parse_args().count)
